@@ -1,0 +1,151 @@
+"""The `rescompress` command: a thin typer app over the pipeline and the registries."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rescompress.errors import RescompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune, distill, quantize and export ResNet classifiers; measure every artifact per device.")
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+USER_ERROR = 2
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a RescompressError as one short message and exit 2, without a traceback."""
+    try:
+        yield
+    except RescompressError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+
+
+@app.command()
+def run(
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (optional with --resume)"),
+    out: Path = typer.Option(Path("runs"), "--out", help="where new run directories are created"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate everything and print the plan; train nothing"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run directory after its last finished step"),
+) -> None:
+    """Run a recipe: baseline, stages, exports, per-device measurement, report."""
+    from rescompress import pipeline
+
+    with user_errors():
+        if recipe is None and resume is None:
+            raise RescompressError("give a recipe file, or --resume RUN_DIR")
+        if dry_run:
+            if resume is not None:
+                plan, _, _ = pipeline.prepare_resume(resume, recipe)
+            else:
+                plan = pipeline.make_plan(pipeline.load_recipe(recipe), source=recipe)
+            console.print(plan.describe())
+            console.print("[green]plan is valid[/green] (dry run: nothing was trained or written)")
+            return
+        if resume is not None:
+            plan, run_dir, manifest = pipeline.prepare_resume(resume, recipe)
+            done = [s for s in plan.steps if manifest.done(s)]
+            console.print(f"resuming [bold]{run_dir}[/bold] (finished: {', '.join(done) or 'nothing yet'})")
+        else:
+            plan, run_dir, manifest = pipeline.prepare_new(recipe, out)
+            console.print(f"run directory: [bold]{run_dir}[/bold]")
+        console.print(plan.describe())
+        try:
+            report = pipeline.execute(plan, run_dir, manifest, console)
+        except KeyboardInterrupt:
+            err_console.print(f"interrupted; continue with: rescompress run --resume {run_dir}")
+            raise typer.Exit(130) from None
+        _summary(report, run_dir)
+
+
+def _summary(report: dict, run_dir: Path) -> None:
+    for device in report["devices"]:
+        table = Table(title=f"{device['name']} — {device['description']}", title_justify="left")
+        for col in ("artifact", "top-1 %", "Δ pt", "p50 ms", "p90 ms", "size", "latency source"):
+            table.add_column(col, justify="left" if col in ("artifact", "latency source") else "right")
+        for r in device["results"]:
+            lat = r.get("latency") or {}
+            table.add_row(r["artifact"], _fmt(r.get("top1"), 100, ".2f"), _fmt(r.get("delta_top1_pt"), 1, "+.2f"),
+                          _fmt(lat.get("p50_ms"), 1, ".3f"), _fmt(lat.get("p90_ms"), 1, ".3f"),
+                          f"{(r.get('size_bytes') or 0) / 1e6:.2f} MB", lat.get("source", r.get("status", "")))
+        console.print(table)
+        if device.get("recommendation"):
+            console.print(f"ship [bold]{device['recommendation']['artifact']}[/bold]: {device['recommendation']['reason']}")
+    console.print(f"report: {run_dir / 'report.md'}  {run_dir / 'report.html'}")
+
+
+def _fmt(value: Optional[float], scale: float, spec: str) -> str:
+    return "—" if value is None else format(value * scale, spec)
+
+
+class Listable(str, Enum):
+    models = "models"
+    datasets = "datasets"
+    stages = "stages"
+    targets = "targets"
+    devices = "devices"
+
+
+@app.command("list")
+def list_(what: Listable = typer.Argument(..., help="what to list")) -> None:
+    """List the registered models, datasets, stages, export targets or device profiles."""
+    with user_errors():
+        table = Table(show_header=True)
+        table.add_column(what.value[:-1])
+        table.add_column("details")
+        for name, details in _listing(what):
+            table.add_row(name, details)
+        console.print(table)
+
+
+def _listing(what: Listable) -> list[tuple[str, str]]:
+    if what is Listable.models:
+        from rescompress.models import MODELS
+
+        return [(n, (MODELS.get(n).__doc__ or "").strip().splitlines()[0] if MODELS.get(n).__doc__ else "") for n in MODELS]
+    if what is Listable.datasets:
+        from rescompress.data import DATASETS, default_root
+
+        return [(n, f"default root: {default_root(n)}" if default_root(n) else "") for n in DATASETS]
+    if what is Listable.stages:
+        from rescompress.stages import STAGES
+
+        return [(n, STAGES.get(n).summary) for n in STAGES]
+    if what is Listable.targets:
+        from rescompress.export import TARGETS
+
+        return [(n, f"{t.summary}; precisions: {', '.join(t.precisions)}" + (f"; extra: rescompress[{t.extra}]" if t.extra else ""))
+                for n, t in TARGETS.items()]
+    from rescompress.devices import available_devices, load_device
+
+    return [(n, f"{load_device(n).description} ({p})") for n, p in available_devices().items()]
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory holding report.json")) -> None:
+    """Re-render report.md, report.html and the plots from a run's report.json."""
+    from rescompress.report import render_all
+
+    with user_errors():
+        paths = render_all(run_dir)
+        for kind, path in paths.items():
+            console.print(f"{kind:<5} {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except RescompressError as exc:  # raised outside a command body (e.g. while parsing)
+        err_console.print(f"[bold red]error:[/bold red] {exc}")
+        sys.exit(USER_ERROR)

@@ -1,0 +1,98 @@
+"""An exported model you can call on numpy and save: the one object parity checks and benchmarks use."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from rescompress.data import InputSpec
+
+STATUSES = ("ok", "deferred", "failed", "skipped")
+
+
+@dataclass
+class Artifact:
+    """A deployable model file plus what is needed to run and judge it.
+
+    `runner` is built lazily by `load_runner(path, threads)` and maps a float32 NCHW batch (already
+    normalised with `input_spec`) to logits.
+    """
+
+    name: str
+    target: str
+    precision: str
+    path: Optional[Path]
+    input_spec: InputSpec
+    runtime: str  # the runtime that executes it, with its version
+    status: str = "ok"
+    message: str = ""
+    from_stage: str = ""
+    load_runner: Optional[Callable[[Path, Optional[int]], Callable[[np.ndarray], np.ndarray]]] = None
+    lint: list[dict] = field(default_factory=list)
+    _runner: Any = field(default=None, repr=False)
+    _threads: Optional[int] = field(default=None, repr=False)
+
+    def runner(self, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+        if self.status != "ok" or self.load_runner is None:
+            raise RuntimeError(f"artifact {self.name} cannot run: {self.status} {self.message}".strip())
+        if self._runner is None or threads != self._threads:
+            self._runner = self.load_runner(self.path, threads)
+            self._threads = threads
+        return self._runner
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.runner(self._threads)(np.ascontiguousarray(x, dtype=np.float32))
+
+    def release(self) -> None:
+        """Drop the runtime session (benchmark one session at a time)."""
+        self._runner = None
+
+    @property
+    def size_bytes(self) -> Optional[int]:
+        return self.path.stat().st_size if self.path is not None and self.path.exists() else None
+
+    def save(self, dest: str | Path) -> Path:
+        if self.path is None:
+            raise RuntimeError(f"artifact {self.name} has no file")
+        dest = Path(dest)
+        shutil.copyfile(self.path, dest)
+        return dest
+
+    def to_report(self) -> dict:
+        return {
+            "name": self.name,
+            "target": self.target,
+            "precision": self.precision,
+            "from_stage": self.from_stage,
+            "path": str(self.path) if self.path is not None else None,
+            "status": self.status,
+            "message": self.message,
+            "size_bytes": self.size_bytes,
+            "runtime": self.runtime,
+            "input_spec": self.input_spec.to_dict(),
+            "lint": self.lint,
+        }
+
+
+def parity(artifact: Callable[[np.ndarray], np.ndarray], reference: Callable[[np.ndarray], np.ndarray],
+           inputs: np.ndarray, batch_size: int = 64) -> dict:
+    """Max |logit difference| and top-1 agreement of `artifact` against `reference` on the same inputs."""
+    max_diff = 0.0
+    agree = 0
+    for i in range(0, len(inputs), batch_size):
+        x = inputs[i:i + batch_size]
+        a, r = artifact(x), reference(x)
+        max_diff = max(max_diff, float(np.abs(a - r).max()))
+        agree += int((a.argmax(1) == r.argmax(1)).sum())
+    return {"max_abs_diff": max_diff, "top1_agreement": agree / max(1, len(inputs))}
+
+
+def top1(artifact: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> float:
+    correct = 0
+    for i in range(0, len(inputs), batch_size):
+        correct += int((artifact(inputs[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+    return correct / max(1, len(inputs))

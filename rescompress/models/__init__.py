@@ -1,0 +1,28 @@
+"""ResNet family (torchvision-compatible keys, one ReLU per use), weight loading and freezing."""
+
+from rescompress.models.resnet import CLASSIFIER, MODELS, BasicBlock, Bottleneck, ResNet, build_model
+from rescompress.models.weights import (
+    FREEZE_MODES,
+    LoadReport,
+    apply_freeze,
+    guess_architecture,
+    load_weights,
+    read_state_dict,
+    set_train_mode,
+)
+
+__all__ = [
+    "CLASSIFIER",
+    "FREEZE_MODES",
+    "MODELS",
+    "BasicBlock",
+    "Bottleneck",
+    "LoadReport",
+    "ResNet",
+    "apply_freeze",
+    "build_model",
+    "guess_architecture",
+    "load_weights",
+    "read_state_dict",
+    "set_train_mode",
+]

@@ -1,0 +1,447 @@
+"""Plan and run a recipe: baseline -> stages -> exports -> per-device measurement -> report.
+
+`make_plan` checks everything that can be checked without training (files, weights, stage order, targets,
+devices). `run` executes the plan in a run directory; every finished step is recorded in `manifest.json`
+with its checkpoint and content hash, so `resume` continues after the last finished step.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+
+from rescompress.devices import DeviceProfile, load_device
+from rescompress.errors import ResumeError, WeightsError
+from rescompress.fileio import atomic_write, atomic_write_json
+from rescompress.recipe import Recipe, load_recipe, parse_recipe, save_resolved
+
+MANIFEST = "manifest.json"
+RESOLVED = "recipe.yaml"
+CHECKPOINT_FORMAT = "rescompress-checkpoint"
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    data: Any  # DatasetBundle
+    arch: dict  # build_model arguments: name, num_classes, in_channels, small_input
+    devices: list[DeviceProfile]
+    weights_note: str = ""
+    source: Optional[Path] = None
+
+    @property
+    def steps(self) -> list[str]:
+        return ["baseline"] + [stage_step(i, s.kind) for i, s in enumerate(self.recipe.stages)] + ["export", "measure", "report"]
+
+    def describe(self) -> str:
+        r, d = self.recipe, self.data
+        lines = [
+            f"recipe   {r.name}" + (f"  ({self.source})" if self.source else ""),
+            f"data     {d.name}: train {len(d.train)} / val {len(d.val)} / test {len(d.test)}, {d.num_classes} classes, "
+            f"input {d.input_spec.channels}x{d.input_spec.height}x{d.input_spec.width}",
+            f"model    {self.arch['name']} ({self.arch['num_classes']} classes, {self.arch['in_channels']} channels"
+            f"{', small-input stem' if self.arch['small_input'] else ''})",
+        ]
+        if r.model.weights:
+            lines.append(f"weights  {r.model.weights}: {self.weights_note}")
+        base = f"train {r.train.epochs} epochs" if r.train.epochs else "evaluate only (train.epochs: 0)"
+        lines.append("steps")
+        lines.append(f"  baseline          {base}, freeze {r.model.freeze}")
+        for i, s in enumerate(r.stages):
+            lines.append(f"  {stage_step(i, s.kind):<17} {json.dumps(s.config.model_dump(mode='json'))}")
+        lines.append(f"  export            {', '.join(e.name for e in r.export)}  (+ the torch model as reference)")
+        lines.append(f"  measure           on {', '.join(dev.name for dev in self.devices)}: top-1 in each runtime, "
+                     f"latency batch {r.report.latency.batch}, {r.report.latency.warmup} warm-up, {r.report.latency.runs} runs")
+        lines.append(f"  report            report.json, report.md, report.html, plots/ (accuracy budget {r.report.accuracy_budget_pt} pt)")
+        return "\n".join(lines)
+
+
+def stage_step(index: int, kind: str) -> str:
+    return f"{index + 1:02d}-{kind}"
+
+
+def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
+    """Validate everything that can be checked before training; raise a RescompressError otherwise."""
+    from rescompress.data import load_dataset
+    from rescompress.models import MODELS, build_model, load_weights
+    from rescompress.stages import check_order
+
+    MODELS.get(recipe.model.name)  # unknown model: fails before the data loads
+    check_order([s.kind for s in recipe.stages])
+    devices = [load_device(name) for name in recipe.devices]
+    d = recipe.data
+    data = load_dataset(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
+                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=recipe.seed,
+                        limit_train=d.limit_train)
+    arch = resolve_arch(recipe, data)
+    if arch["in_channels"] != data.input_spec.channels:
+        raise WeightsError(f"model.in_channels is {arch['in_channels']} but the data has {data.input_spec.channels} "
+                           f"channels; set data.channels: {arch['in_channels']} or drop model.in_channels")
+    note = ""
+    if recipe.model.weights:
+        report = load_weights(build_model(**arch), recipe.model.weights, model_name=arch["name"])
+        note = report.note or f"{report.loaded} tensors fit"
+    return Plan(recipe=recipe, data=data, arch=arch, devices=devices, weights_note=note, source=source)
+
+
+def resolve_arch(recipe: Recipe, data: Any) -> dict:
+    spec = data.input_spec
+    small = {"small": True, "imagenet": False}.get(recipe.model.stem, min(spec.height, spec.width) < 96)
+    return {
+        "name": recipe.model.name,
+        "num_classes": recipe.model.num_classes or data.num_classes,
+        "in_channels": recipe.model.in_channels or spec.channels,
+        "small_input": small,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- run dir
+
+
+def new_run_dir(out_root: Path, name: str) -> Path:
+    """`<out>/<name>-<timestamp>`, never an existing directory."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = out_root / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ResumeError(f"cannot create a new run directory under {out_root}")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, run_dir: Path, recipe: Recipe) -> "Manifest":
+        m = cls(run_dir / MANIFEST, {"schema_version": 1, "recipe": recipe.name, "recipe_digest": recipe.digest(),
+                                     "created": _now(), "steps": {}})
+        m.save()
+        return m
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Manifest":
+        path = run_dir / MANIFEST
+        if not path.is_file():
+            raise ResumeError(f"{run_dir} is not a rescompress run directory (no {MANIFEST})")
+        try:
+            return cls(path, json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise ResumeError(f"{path} is damaged ({exc}); the run cannot be resumed") from None
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def done(self, step: str) -> Optional[dict]:
+        entry = self.data["steps"].get(step)
+        return entry if entry and entry.get("status") == "done" else None
+
+    def mark(self, step: str, **info: Any) -> None:
+        self.data["steps"][step] = {"status": "done", "finished": _now(), **info}
+        self.save()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def save_checkpoint(path: Path, model: Any, arch: dict, stage: str, metrics: dict) -> str:
+    import torch
+
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "stage": stage, "metrics": metrics,
+               "state_dict": model.state_dict()}
+    atomic_write(path, lambda p: torch.save(payload, p))
+    return sha256(path)
+
+
+def load_checkpoint(path: Path, expected_sha: str, arch: dict) -> Any:
+    import torch
+
+    from rescompress.models import build_model
+
+    if not path.is_file():
+        raise ResumeError(f"checkpoint {path} is missing; the run cannot continue past it")
+    if sha256(path) != expected_sha:
+        raise ResumeError(f"checkpoint {path} does not match the hash in {MANIFEST}: it was changed or damaged")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(**arch)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+class Runner:
+    """Executes a Plan in a run directory, step by step, recording each finished step."""
+
+    def __init__(self, plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> None:
+        self.plan, self.run_dir, self.manifest, self.console = plan, run_dir, manifest, console
+        self.recipe = plan.recipe
+        self.data = plan.data
+        self.t_start = time.time()
+
+    # -- helpers
+    def _example(self, batch: int = 1):
+        import torch
+
+        spec = self.data.input_spec
+        return torch.zeros(batch, spec.channels, spec.height, spec.width)
+
+    def _stage_record(self, name: str, kind: str, model: Any, seconds: float, ckpt: Path, notes: list[str],
+                      history: Optional[list] = None) -> dict:
+        from rescompress.profile import profile
+        from rescompress.train import evaluate
+
+        bs = self.recipe.train.eval_batch_size
+        spec = self.data.input_spec
+        val = evaluate(model, self.data.val, spec, bs) if len(self.data.val) else None
+        return {"name": name, "kind": kind, "top1": evaluate(model, self.data.test, spec, bs), "val_top1": val,
+                **profile(model, self._example()), "seconds": round(seconds, 2),
+                "checkpoint": str(ckpt.relative_to(self.run_dir)), "notes": notes, "history": history or []}
+
+    def _finish_step(self, step: str, model: Any, record: dict) -> None:
+        ckpt = self.run_dir / record["checkpoint"]
+        digest = save_checkpoint(ckpt, model, self.plan.arch, step, {k: record[k] for k in ("top1", "val_top1")})
+        self.manifest.mark(step, record=record, checkpoint=record["checkpoint"], sha256=digest)
+        (self.run_dir / "checkpoints" / f"{step}.state.pt").unlink(missing_ok=True)
+        self.console.print(f"[green]✓[/green] {step}: test top-1 {record['top1'] * 100:.2f}%  "
+                           f"params {record['params']:,}  MACs {record['macs']:,}  ({record['seconds']:.1f}s)")
+
+    # -- steps
+    def baseline(self) -> Any:
+        import torch
+
+        from rescompress.models import apply_freeze, build_model, load_weights
+        from rescompress.train import fit
+
+        step = "baseline"
+        if (done := self.manifest.done(step)):
+            self.console.print(f"[dim]baseline: done earlier, loading {done['checkpoint']}[/dim]")
+            return load_checkpoint(self.run_dir / done["checkpoint"], done["sha256"], self.plan.arch)
+        t0 = time.time()
+        torch.manual_seed(self.recipe.seed)
+        model = build_model(**self.plan.arch)
+        notes = []
+        if self.recipe.model.weights:
+            rep = load_weights(model, self.recipe.model.weights, model_name=self.plan.arch["name"])
+            notes.append(f"weights from {self.recipe.model.weights}" + (f" ({rep.note})" if rep.note else ""))
+        frozen = apply_freeze(model, self.recipe.model.freeze)
+        if frozen:
+            notes.append(f"freeze {self.recipe.model.freeze}: {frozen:,} parameters frozen")
+        history = []
+        if self.recipe.train.epochs:
+            history = fit(model, self.data, self.recipe.train, seed=self.recipe.seed, console=self.console,
+                          state_path=self.run_dir / "checkpoints" / f"{step}.state.pt", desc="baseline")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        record = self._stage_record(step, "train", model.eval(), time.time() - t0,
+                                    self.run_dir / "checkpoints" / f"00-{step}.pt", notes, history)
+        self._finish_step(step, model, record)
+        return model
+
+    def stage(self, index: int, model: Any) -> Any:
+        from rescompress.stages import STAGES, StageContext
+
+        entry = self.recipe.stages[index]
+        step = stage_step(index, entry.kind)
+        if (done := self.manifest.done(step)):
+            self.console.print(f"[dim]{step}: done earlier, loading {done['checkpoint']}[/dim]")
+            return load_checkpoint(self.run_dir / done["checkpoint"], done["sha256"], self.plan.arch)
+        spec = STAGES.get(entry.kind)
+        ctx = StageContext(recipe=self.recipe, data=self.data, work_dir=self.run_dir / "checkpoints" / step,
+                           console=self.console, seed=self.recipe.seed, index=index, teacher=copy.deepcopy(model).eval())
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        self.console.rule(f"{step}: {spec.summary}")
+        model = spec.run(model, entry.config, ctx).eval()
+        record = self._stage_record(step, entry.kind, model, time.time() - t0,
+                                    self.run_dir / "checkpoints" / f"{step}.pt", ctx.notes)
+        self._finish_step(step, model, record)
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        return model
+
+    def export(self, model: Any) -> list:
+        from rescompress.export import TARGETS
+        from rescompress.export.torch_eager import torch_artifact
+
+        last = self.plan.steps[-4]  # the step whose model is exported
+        done = self.manifest.done(last)
+        artifacts = [torch_artifact(model, self.data.input_spec, name="torch-fp32", precision="fp32",
+                                    from_stage=last, checkpoint=self.run_dir / done["checkpoint"])]
+        out_dir = self.run_dir / "artifacts"
+        out_dir.mkdir(exist_ok=True)
+        for entry in self.recipe.export:
+            target = TARGETS.get(entry.target)
+            self.console.print(f"exporting {entry.name} ...")
+            t0 = time.time()
+            art = target.export(model, self._example(2), entry.config, out_dir / f"{entry.name}.{entry.target}",
+                                spec=self.data.input_spec, from_stage=last)
+            self.console.print(f"[green]✓[/green] {entry.name}: {art.status}, {art.size_bytes or 0:,} bytes ({time.time() - t0:.1f}s)")
+            artifacts.append(art)
+        self.manifest.mark("export", artifacts={a.name: {"path": str(a.path.relative_to(self.run_dir)) if a.path else None,
+                                                         "sha256": sha256(a.path) if a.path and a.path.exists() else None,
+                                                         "status": a.status} for a in artifacts})
+        return artifacts
+
+    def measure(self, artifacts: list, baseline_top1: float) -> tuple[list[dict], list[dict]]:
+        """Accuracy and parity of every artifact in its own runtime, then latency per device."""
+        from rescompress.bench.latency import measure_latency
+        from rescompress.export.artifact import parity, top1
+        from rescompress.train import progress_bar
+
+        spec = self.data.input_spec
+        x_test = spec.normalize_numpy(self.data.test.images.numpy())
+        y_test = self.data.test.labels.numpy()
+        reference = artifacts[0]
+        art_rows = []
+        for art in artifacts:
+            row = art.to_report()
+            row["path"] = str(art.path.relative_to(self.run_dir)) if art.path else None
+            if art.status == "ok":
+                row["top1"] = top1(art, x_test, y_test)
+                if art is not reference:
+                    row["parity"] = {**parity(art, reference, x_test), "reference": reference.name}
+                art.release()
+            art_rows.append(row)
+            acc = f"top-1 {row['top1'] * 100:.2f}%" if row.get("top1") is not None else art.status
+            par = f", max |Δlogit| {row['parity']['max_abs_diff']:.2e}" if row.get("parity") else ""
+            self.console.print(f"  {art.name:<12} {acc} on {art.runtime}{par}")
+
+        lat = self.recipe.report.latency
+        x_lat = x_test[: lat.batch] if len(x_test) >= lat.batch else x_test[:1].repeat(lat.batch, axis=0)
+        devices = []
+        for device in self.plan.devices:
+            threads = device.threads or lat.threads
+            results = []
+            with progress_bar(self.console) as progress:
+                for art, row in zip(artifacts, art_rows):
+                    res = {"artifact": art.name, "runtime": art.runtime.split()[0], "top1": row.get("top1"),
+                           "delta_top1_pt": None if row.get("top1") is None else round((row["top1"] - baseline_top1) * 100, 3),
+                           "size_bytes": row["size_bytes"], "latency": None, "status": art.status, "message": art.message}
+                    if art.status == "ok":
+                        task = progress.add_task(f"{device.name}: {art.name}", total=lat.runs, info="")
+                        fn = art.runner(threads)
+                        stats = measure_latency(fn, x_lat, warmup=lat.warmup, runs=lat.runs, threads=threads,
+                                                progress=lambda: progress.advance(task))
+                        art.release()
+                        progress.remove_task(task)
+                        res["latency"] = stats.to_dict()
+                        self.console.print(f"  {device.name}: {art.name:<12} p50 {stats.p50_ms:.3f} ms  "
+                                           f"p90 {stats.p90_ms:.3f} ms  (measured, {stats.threads} threads)")
+                    results.append(res)
+            devices.append({"name": device.name, "description": device.description,
+                            "accuracy_budget_pt": self.recipe.report.accuracy_budget_pt, "results": results,
+                            "recommendation": recommend(results, self.recipe.report.accuracy_budget_pt)})
+        return art_rows, devices
+
+    def report(self, art_rows: list[dict], devices: list[dict]) -> dict:
+        from rescompress.bench.latency import provenance
+        from rescompress.report import SCHEMA_VERSION, write_report
+        import rescompress
+
+        stages = [self.manifest.done(s)["record"] for s in self.plan.steps[:-3]]
+        for s in stages:
+            s.pop("history", None)
+        started = self.manifest.data["created"]
+        report = {
+            "schema_version": SCHEMA_VERSION,
+            "rescompress_version": rescompress.__version__,
+            "recipe": {"name": self.recipe.name, "path": str(self.plan.source) if self.plan.source else None,
+                       "accuracy_budget_pt": self.recipe.report.accuracy_budget_pt},
+            "run": {"dir": str(self.run_dir), "started": started, "finished": _now(),
+                    "seconds": round(sum(float(e.get("seconds", 0)) for e in self.manifest.data["steps"].values()), 1)},
+            "dataset": self.data.summary(),
+            "model": {"name": self.plan.arch["name"], "weights": self.recipe.model.weights, "arch": self.plan.arch},
+            "stages": stages,
+            "artifacts": art_rows,
+            "devices": devices,
+            "provenance": provenance(),
+        }
+        write_report(report, self.run_dir)
+        return report
+
+
+def recommend(results: list[dict], budget_pt: float) -> Optional[dict]:
+    """The fastest artifact whose top-1 is within the accuracy budget of the baseline."""
+    ok = [r for r in results if r.get("latency") and r.get("delta_top1_pt") is not None
+          and r["delta_top1_pt"] >= -budget_pt]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r["latency"]["p50_ms"])
+    return {"artifact": best["artifact"],
+            "reason": f"fastest (p50 {best['latency']['p50_ms']:.3f} ms, {best['latency']['source']}) "
+                      f"within {budget_pt} pt of the baseline's top-1 ({best['delta_top1_pt']:+.2f} pt)"}
+
+
+def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> dict:
+    runner = Runner(plan, run_dir, manifest, console)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    timed = lambda step, fn, *a: _timed(manifest, step, fn, *a)  # noqa: E731
+    model = runner.baseline()
+    for i in range(len(plan.recipe.stages)):
+        model = runner.stage(i, model)
+    baseline_top1 = manifest.done("baseline")["record"]["top1"]
+    artifacts = timed("export", runner.export, model)
+    art_rows, devices = timed("measure", runner.measure, artifacts, baseline_top1)
+    report = runner.report(art_rows, devices)
+    manifest.mark("report", seconds=0.0)
+    return report
+
+
+def _timed(manifest: Manifest, step: str, fn: Any, *args: Any) -> Any:
+    t0 = time.time()
+    out = fn(*args)
+    entry = manifest.data["steps"].setdefault(step, {"status": "done"})
+    entry["seconds"] = round(time.time() - t0, 2)
+    manifest.save()
+    return out
+
+
+def prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest]:
+    """Validate the recipe and create a fresh run directory holding the resolved recipe."""
+    recipe = load_recipe(recipe_path)
+    plan = make_plan(recipe, source=recipe_path)
+    run_dir = new_run_dir(out_root, recipe.name or "run")
+    shutil.copyfile(recipe_path, run_dir / "recipe.original.yaml")
+    save_resolved(recipe, run_dir / RESOLVED)
+    return plan, run_dir, Manifest.create(run_dir, recipe)
+
+
+def prepare_resume(run_dir: Path, recipe_path: Optional[Path] = None) -> tuple[Plan, Path, Manifest]:
+    """Re-plan an existing run from the recipe it was started with."""
+    import yaml
+
+    manifest = Manifest.load(run_dir)
+    resolved = run_dir / RESOLVED
+    if not resolved.is_file():
+        raise ResumeError(f"{resolved} is missing; the run cannot be resumed")
+    recipe = parse_recipe(yaml.safe_load(resolved.read_text(encoding="utf-8")), str(resolved))
+    if recipe_path is not None and load_recipe(recipe_path).digest() != recipe.digest():
+        raise ResumeError(f"{recipe_path} differs from the recipe {run_dir} was started with; resume without "
+                          f"naming a recipe, or start a new run")
+    source = run_dir / "recipe.original.yaml"
+    plan = make_plan(recipe, source=source if source.exists() else resolved)
+    return plan, run_dir, manifest

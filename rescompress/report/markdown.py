@@ -1,0 +1,334 @@
+"""The report as a list of plain-text blocks, and its Markdown rendering.
+
+`build_document` decides what the report says; `render_markdown` and `render_html` only decide how it
+looks, so the two files always carry the same tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from rescompress.report.schema import latency_accuracy, pareto_front
+
+MISSING = "—"
+STAR = "★"
+ALL_DEVICES = "all"  # plot key of the combined figure
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Labelled values, e.g. the run summary."""
+    items: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    numeric: frozenset[int] = field(default_factory=frozenset)  # right-aligned columns
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str  # plot key: "all" or a device name
+    caption: str
+
+
+Block = Union[Heading, Paragraph, Fields, Bullets, Table, Figure]
+
+
+# --- formatting -----------------------------------------------------------------------------------
+
+def fmt_pct(fraction: float | None) -> str:
+    """0.981 -> '98.10'."""
+    return MISSING if fraction is None else f"{100.0 * fraction:.2f}"
+
+
+def fmt_pt(points: float | None) -> str:
+    """Signed percentage points: -0.5 -> '-0.50'."""
+    return MISSING if points is None else f"{points:+.2f}"
+
+
+def fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return MISSING
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def fmt_count(n: float | None) -> str:
+    """40812544 -> '40.8M'."""
+    if n is None:
+        return MISSING
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return f"{n:g}"
+
+
+def fmt_bytes(n: float | None) -> str:
+    """1101234 -> '1.1 MB' (decimal units)."""
+    if n is None:
+        return MISSING
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:g} B"
+
+
+def fmt_seconds(s: float | None) -> str:
+    return MISSING if s is None else f"{s:.1f}"
+
+
+def fmt_text(value: Any) -> str:
+    return MISSING if value is None or value == "" else str(value)
+
+
+def fmt_setup(latency: Mapping[str, Any] | None) -> str:
+    """How a latency was taken: 'batch 1 · 2 threads · 20 warm-up + 200 runs'."""
+    if not latency:
+        return MISSING
+    parts = []
+    if latency.get("batch") is not None:
+        parts.append(f"batch {latency['batch']}")
+    if latency.get("threads") is not None:
+        parts.append(f"{latency['threads']} threads")
+    runs, warmup = latency.get("runs"), latency.get("warmup")
+    if runs is not None:
+        parts.append(f"{warmup} warm-up + {runs} runs" if warmup is not None else f"{runs} runs")
+    if latency.get("power_mode") is not None:
+        parts.append(f"power mode {latency['power_mode']}")
+    return " · ".join(parts) or MISSING
+
+
+# --- the document ---------------------------------------------------------------------------------
+
+def _summary(report: Mapping[str, Any]) -> Fields:
+    recipe, run, data, model = (report[k] for k in ("recipe", "run", "dataset", "model"))
+    recipe_text = recipe["name"] + (f" ({recipe['path']})" if recipe.get("path") else "")
+    if recipe.get("accuracy_budget_pt") is not None:
+        recipe_text += f", accuracy budget {recipe['accuracy_budget_pt']:g} pt"
+    if run.get("finished"):
+        finished = run["finished"] + (f" ({run['seconds']:.1f} s)" if run.get("seconds") is not None else "")
+    else:
+        finished = f"{MISSING} (unfinished)"
+    data_parts = [data["name"]]
+    if data.get("num_classes") is not None:
+        data_parts.append(f"{data['num_classes']} classes")
+    if data.get("sizes"):
+        data_parts.append(" / ".join(f"{k} {v}" for k, v in data["sizes"].items()))
+    spec = data.get("input_spec") or {}
+    if all(spec.get(k) is not None for k in ("channels", "height", "width")):
+        layout = f" {spec['layout']}" if spec.get("layout") else ""
+        data_parts.append(f"input {spec['channels']}×{spec['height']}×{spec['width']}{layout}")
+    items = [
+        ("Recipe", recipe_text),
+        ("Run", run["dir"]),
+        ("Started", run["started"]),
+        ("Finished", finished),
+        ("Dataset", ", ".join(data_parts)),
+    ]
+    if data.get("source"):
+        items.append(("Data source", data["source"]))
+    weights = model.get("weights")
+    items.append(("Model", f"{model['name']} ({'weights ' + weights if weights else 'trained in this run'})"))
+    items.append(("rescompress", report["rescompress_version"]))
+    return Fields(items)
+
+
+def _stages(report: Mapping[str, Any]) -> list[Block]:
+    rows = [
+        [s["name"], fmt_text(s.get("kind")), fmt_pct(s["top1"]), fmt_pct(s.get("val_top1")),
+         fmt_count(s["params"]), fmt_count(s["macs"]), fmt_bytes(s["size_bytes"]), fmt_seconds(s.get("seconds"))]
+        for s in report["stages"]
+    ]
+    blocks: list[Block] = [
+        Heading(2, "Stages"),
+        Table(["Stage", "Kind", "Top-1 %", "Val top-1 %", "Params", "MACs", "Size", "Time s"],
+              rows, frozenset(range(2, 8))),
+    ]
+    notes = [f"{s['name']}: {note}" for s in report["stages"] for note in s.get("notes") or []]
+    if notes:
+        blocks.append(Bullets(notes))
+    return blocks
+
+
+def _lint_summary(findings: list[Mapping[str, Any]] | None) -> str:
+    if findings is None:
+        return MISSING
+    errors = sum(f["severity"] == "error" for f in findings)
+    warnings = len(findings) - errors
+    return "clean" if not findings else f"{errors} error(s), {warnings} warning(s)"
+
+
+def _artifacts(report: Mapping[str, Any]) -> list[Block]:
+    rows = []
+    for a in report["artifacts"]:
+        parity = a.get("parity") or {}
+        diff = parity.get("max_abs_diff")
+        diff_text = MISSING if diff is None else f"{diff:.2g}"
+        if diff is not None and parity.get("reference"):
+            diff_text += f" vs {parity['reference']}"
+        rows.append([
+            a["name"], a["target"], a["precision"], fmt_text(a.get("from_stage")), a["status"],
+            fmt_pct(a.get("top1")), diff_text, fmt_pct(parity.get("top1_agreement")),
+            fmt_bytes(a.get("size_bytes")), fmt_text(a.get("runtime")), _lint_summary(a.get("lint")),
+        ])
+    blocks: list[Block] = [
+        Heading(2, "Artifacts"),
+        Table(["Artifact", "Target", "Precision", "From stage", "Status", "Top-1 %", "Parity max|Δ|",
+               "Agreement %", "Size", "Runtime", "Lint"], rows, frozenset({5, 6, 7, 8})),
+    ]
+    problems = [f"{a['name']} ({a['status']}): {fmt_text(a.get('message'))}"
+                for a in report["artifacts"] if a["status"] != "ok"]
+    if problems:
+        blocks += [Heading(3, "Artifacts not ok"), Bullets(problems)]
+    findings = [
+        f"{a['name']}: [{f['severity']}] {f['rule']}"
+        + (f" at {f['node']}" if f.get("node") else "")
+        + f": {f['message']}"
+        + (f" Fix: {f['fix']}" if f.get("fix") else "")
+        for a in report["artifacts"] for f in a.get("lint") or []
+    ]
+    if findings:
+        blocks += [Heading(3, "Lint findings"), Bullets(findings)]
+    return blocks
+
+
+def _recommended(device: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    rec = device.get("recommendation")
+    if not rec:
+        return None
+    return next((r for r in device["results"] if r["artifact"] == rec["artifact"]), None)
+
+
+def _recommendations(report: Mapping[str, Any]) -> list[Block]:
+    rows = []
+    for d in report["devices"]:
+        rec, result = d.get("recommendation"), _recommended(d) or {}
+        latency = result.get("latency") or {}
+        rows.append([
+            d["name"], rec["artifact"] if rec else "none", fmt_pct(result.get("top1")),
+            fmt_pt(result.get("delta_top1_pt")), fmt_ms(latency.get("p50_ms")),
+            fmt_text(latency.get("source")), fmt_text(rec.get("reason") if rec else None),
+        ])
+    return [
+        Heading(2, "Recommendations"),
+        Table(["Device", "Artifact", "Top-1 %", "Δ pt", "p50 ms", "Latency source", "Reason"],
+              rows, frozenset({2, 3, 4})),
+        Figure(ALL_DEVICES, "Accuracy vs p50 latency, all devices"),
+    ]
+
+
+def _device(device: Mapping[str, Any]) -> list[Block]:
+    results = device["results"]
+    front = pareto_front([latency_accuracy(r) for r in results])
+    rows = []
+    for i, r in enumerate(results):
+        latency = r.get("latency") or {}
+        rows.append([
+            STAR if i in front else "", r["artifact"], fmt_text(r.get("runtime")), fmt_pct(r.get("top1")),
+            fmt_pt(r.get("delta_top1_pt")), fmt_ms(latency.get("p50_ms")), fmt_ms(latency.get("p90_ms")),
+            fmt_ms(latency.get("p99_ms")), fmt_bytes(r.get("size_bytes")), fmt_text(latency.get("source")),
+            fmt_setup(latency), r["status"],
+        ])
+    intro = [fmt_text(device.get("description"))]
+    if device.get("accuracy_budget_pt") is not None:
+        intro.append(f"accuracy budget {device['accuracy_budget_pt']:g} pt below the baseline")
+    blocks: list[Block] = [
+        Heading(2, f"Device: {device['name']}"),
+        Paragraph(" · ".join(intro)),
+        Table(["Pareto", "Artifact", "Runtime", "Top-1 %", "Δ pt", "p50 ms", "p90 ms", "p99 ms", "Size",
+               "Latency source", "Setup", "Status"], rows, frozenset(range(3, 9))),
+        Paragraph(f"{STAR} on the accuracy-vs-latency Pareto front: no other result here is both at least "
+                  "as fast (p50) and at least as accurate. Δ pt is top-1 minus the baseline's torch top-1."),
+    ]
+    messages = [f"{r['artifact']} ({r['status']}): {fmt_text(r.get('message'))}"
+                for r in results if r["status"] != "ok" or r.get("message")]
+    if messages:
+        blocks.append(Bullets(messages))
+    rec = device.get("recommendation")
+    if rec:
+        result = _recommended(device) or {}
+        latency = result.get("latency") or {}
+        detail = ", ".join(part for part in (
+            f"top-1 {fmt_pct(result.get('top1'))} %" if result.get("top1") is not None else "",
+            f"p50 {fmt_ms(latency.get('p50_ms'))} ms ({latency['source']})" if latency.get("p50_ms") is not None else "",
+        ) if part)
+        text = rec["artifact"] + (f": {rec['reason']}" if rec.get("reason") else "")
+        blocks.append(Fields([("Recommendation", text + (f" ({detail})" if detail else ""))]))
+    else:
+        blocks.append(Fields([("Recommendation", "none")]))
+    blocks.append(Figure(device["name"], f"Accuracy vs p50 latency on {device['name']}"))
+    return blocks
+
+
+def build_document(report: Mapping[str, Any]) -> list[Block]:
+    """What the report says, in order, as plain-text blocks (expects a validated report)."""
+    blocks: list[Block] = [Heading(1, f"rescompress report: {report['recipe']['name']}"), _summary(report)]
+    if report["devices"]:
+        blocks += _recommendations(report)
+    blocks += _stages(report) + _artifacts(report)
+    for device in report["devices"]:
+        blocks += _device(device)
+    provenance = report["provenance"]
+    blocks += [Heading(2, "Provenance"), Fields([(str(k), fmt_text(v)) for k, v in provenance.items()])]
+    return blocks
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+def _md(text: str) -> str:
+    """Inline text made safe for Markdown: no raw HTML, no line breaks."""
+    return " ".join(text.replace("<", "&lt;").split())
+
+
+def _md_cell(text: str) -> str:
+    return _md(text).replace("|", "\\|")
+
+
+def _md_table(table: Table) -> str:
+    align = ["---:" if i in table.numeric else "---" for i in range(len(table.headers))]
+    lines = [table.headers, align, *table.rows]
+    return "\n".join("| " + " | ".join(_md_cell(c) if line is not align else c for c in line) + " |"
+                     for line in lines)
+
+
+def _md_block(block: Block, plots: Mapping[str, str]) -> str:
+    if isinstance(block, Heading):
+        return "#" * block.level + " " + _md(block.text)
+    if isinstance(block, Paragraph):
+        return _md(block.text)
+    if isinstance(block, Fields):
+        return "\n".join(f"- **{_md(label)}:** {_md(value)}" for label, value in block.items)
+    if isinstance(block, Bullets):
+        return "\n".join(f"- {_md(item)}" for item in block.items)
+    if isinstance(block, Table):
+        return _md_table(block)
+    link = plots.get(block.key)
+    return f"![{_md(block.caption)}]({link.replace(' ', '%20')})" if link else ""
+
+
+def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
+    """The report as Markdown; `plots` maps plot keys to image links (relative paths) to include."""
+    parts = (_md_block(block, plots or {}) for block in build_document(report))
+    return "\n\n".join(part for part in parts if part) + "\n"

@@ -1,0 +1,202 @@
+"""One training and evaluation loop, shared by the baseline, fine-tuning and (later) distillation and QAT.
+
+`fit` trains in place. With `state_path` it saves model, optimizer and RNG state after every epoch and,
+when that file exists, continues from it: a killed run resumes mid-stage with the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rescompress.data import DatasetBundle, InputSpec, Split, batches
+from rescompress.errors import PlanError, ResumeError
+from rescompress.fileio import atomic_write
+from rescompress.recipe import TrainConfig
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def resolve_augment(cfg: TrainConfig, data: DatasetBundle) -> tuple[str, ...]:
+    if cfg.augment == "auto":
+        return tuple(data.augmentations)
+    if cfg.augment == "none":
+        return ()
+    return tuple(cfg.augment)
+
+
+def lr_at(step: int, total: int, base: float, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return base * (step + 1) / warm
+    if cfg.schedule == "constant" or total <= warm:
+        return base
+    frac = (step - warm) / max(1, total - warm)
+    if cfg.schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * frac))
+    return base * (0.1 ** int(frac * 3))  # "step": ÷10 at 1/3 and 2/3 of training
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PlanError("nothing to train: every parameter is frozen (model.freeze)")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+
+
+def _train_mode(model: nn.Module) -> None:
+    """train(), except BatchNorm layers whose parameters are all frozen keep their running statistics."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+def fit(
+    model: nn.Module,
+    data: DatasetBundle,
+    cfg: TrainConfig,
+    *,
+    epochs: Optional[int] = None,
+    lr: Optional[float] = None,
+    seed: int = 0,
+    console: Optional[Console] = None,
+    state_path: Optional[Path] = None,
+    loss_fn: Optional[LossFn] = None,
+    desc: str = "train",
+) -> list[dict]:
+    """Train `model` in place; returns one dict per epoch (loss, train/val top-1, seconds)."""
+    epochs = cfg.epochs if epochs is None else epochs
+    base_lr = cfg.lr if lr is None else lr
+    console = console or Console(stderr=True)
+    augment = resolve_augment(cfg, data)
+    if loss_fn is None:
+        loss_fn = lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)  # noqa: E731
+
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    total = epochs * steps_per_epoch
+    optimizer = make_optimizer(model, cfg, base_lr)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    start_epoch = 0
+    if state_path is not None and state_path.exists():
+        start_epoch, history = _load_state(state_path, model, optimizer, generator)
+        console.print(f"[dim]{desc}: resuming after epoch {start_epoch}/{epochs}[/dim]")
+
+    with progress_bar(console) as progress:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            _train_mode(model)
+            task = progress.add_task(f"{desc} {epoch + 1}/{epochs}", total=steps_per_epoch, info="")
+            seen = correct = 0
+            loss_sum = 0.0
+            for i, (x, y) in enumerate(batches(data.train, data.input_spec, cfg.batch_size, shuffle=True,
+                                                generator=generator, augment=augment)):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(epoch * steps_per_epoch + i, total, base_lr, cfg, steps_per_epoch)
+                logits_holder: dict = {}
+                loss = loss_fn(_capture(model, logits_holder), x, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(y)
+                seen += len(y)
+                if "logits" in logits_holder:
+                    correct += (logits_holder["logits"].argmax(1) == y).sum().item()
+                progress.update(task, advance=1, info=f"loss {loss_sum / seen:.3f}")
+            progress.remove_task(task)
+            row = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(1, seen),
+                "train_top1": correct / max(1, seen),
+                "val_top1": evaluate(model, data.val, data.input_spec, cfg.eval_batch_size) if len(data.val) else None,
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(row)
+            val = f" val {row['val_top1'] * 100:.1f}%" if row["val_top1"] is not None else ""
+            console.print(f"  {desc} epoch {epoch + 1}/{epochs}  loss {row['loss']:.3f}  "
+                          f"train {row['train_top1'] * 100:.1f}%{val}  {row['seconds']:.1f}s")
+            if state_path is not None:
+                _save_state(state_path, epoch + 1, history, model, optimizer, generator)
+    model.eval()
+    return history
+
+
+class _capture(nn.Module):
+    """Wraps the model so the loop can read the logits a custom loss computed, without computing them twice."""
+
+    def __init__(self, model: nn.Module, holder: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.holder = holder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        self.holder["logits"] = out.detach()
+        return out
+
+
+def _save_state(path: Path, epoch: int, history: list, model: nn.Module, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator) -> None:
+    state = {
+        "epoch": epoch,
+        "history": history,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+    }
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> tuple[int, list]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        return int(state["epoch"]), list(state["history"])
+    except Exception as exc:  # a torn or foreign file: say which, never train on half a state
+        raise ResumeError(f"cannot resume from {path}: {exc}. Delete it to restart this stage from its beginning.") from None
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, spec: InputSpec, batch_size: int = 256) -> np.ndarray:
+    """Logits for a whole split, as float32 numpy (N, classes)."""
+    model.eval()
+    outs = [model(x).float().numpy() for x, _ in batches(split, spec, batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def evaluate(model: nn.Module, split: Split, spec: InputSpec, batch_size: int = 256) -> float:
+    """Top-1 accuracy (a fraction) on a split."""
+    if len(split) == 0:
+        return float("nan")
+    logits = predict(model, split, spec, batch_size)
+    return float((logits.argmax(1) == split.labels.numpy()).mean())
