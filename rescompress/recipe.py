@@ -239,6 +239,10 @@ def _describe(err: dict, holder: type[BaseModel] | None) -> str:
         hint = suggest(str(key), valid)
         listing = f" (valid keys: {', '.join(valid)})" if valid and not hint else ""
         return f"unknown key '{key}'{hint}{listing}"
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping, got {_type_name(err.get('input'))}"
+    if err["type"] == "list_type":
+        return f"expected a list, got {_type_name(err.get('input'))}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]

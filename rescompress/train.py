@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rescompress.data import DatasetBundle, InputSpec, Split, batches
 from rescompress.errors import PlanError, ResumeError
 from rescompress.fileio import atomic_write
+from rescompress.models import set_train_mode
 from rescompress.recipe import TrainConfig
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,16 +68,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
 
 
-def _train_mode(model: nn.Module) -> None:
-    """train(), except BatchNorm layers whose parameters are all frozen keep their running statistics."""
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                m.eval()
-
-
 def fit(
     model: nn.Module,
     data: DatasetBundle,
@@ -111,7 +102,7 @@ def fit(
     with progress_bar(console) as progress:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
-            _train_mode(model)
+            set_train_mode(model)
             task = progress.add_task(f"{desc} {epoch + 1}/{epochs}", total=steps_per_epoch, info="")
             seen = correct = 0
             loss_sum = 0.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -71,7 +71,6 @@ class RawDataset:
     source: str
     test: tuple[np.ndarray, np.ndarray] | None = None
     val: tuple[np.ndarray, np.ndarray] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- splitting

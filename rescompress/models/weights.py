@@ -155,10 +155,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) 
 
     file_fc = sd.get(f"{CLASSIFIER}.weight")
     source_classes = int(file_fc.shape[0]) if file_fc is not None and file_fc.dim() == 2 else None
-    head_only = (
+    own_fc = own.get(f"{CLASSIFIER}.weight")
+    head_only = not shape_diff or (
         set(shape_diff) <= set(_HEAD_KEYS)
         and file_fc is not None
-        and file_fc.shape[1:] == own[f"{CLASSIFIER}.weight"].shape[1:]
+        and own_fc is not None
+        and file_fc.shape[1:] == own_fc.shape[1:]
     )
     if missing or unexpected or not head_only:
         problems = [(k, f"{k}: file {_shape(sd[k])} vs model {_shape(own[k])}") for k in shape_diff]
@@ -176,7 +178,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) 
     model.load_state_dict(to_load, strict=False)
     head_replaced = bool(shape_diff)
     if head_replaced:
-        own_classes = own[f"{CLASSIFIER}.weight"].shape[0]
+        own_classes = own_fc.shape[0] if own_fc is not None else None
         note = (
             f"loaded {len(to_load)} tensors; the file's classifier has {source_classes} classes, the model "
             f"{own_classes}, so '{CLASSIFIER}' keeps its fresh initialisation and needs training"
