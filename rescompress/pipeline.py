@@ -20,7 +20,7 @@ from typing import Any, Optional
 from rich.console import Console
 
 from rescompress.devices import DeviceProfile, load_device
-from rescompress.errors import ResumeError, WeightsError
+from rescompress.errors import RescompressError, ResumeError, WeightsError
 from rescompress.fileio import atomic_write, atomic_write_json
 from rescompress.recipe import Recipe, load_recipe, parse_recipe, save_resolved
 
@@ -48,8 +48,7 @@ class Plan:
             f"recipe   {r.name}" + (f"  ({self.source})" if self.source else ""),
             f"data     {d.name}: train {len(d.train)} / val {len(d.val)} / test {len(d.test)}, {d.num_classes} classes, "
             f"input {d.input_spec.channels}x{d.input_spec.height}x{d.input_spec.width}",
-            f"model    {self.arch['name']} ({self.arch['num_classes']} classes, {self.arch['in_channels']} channels"
-            f"{', small-input stem' if self.arch['small_input'] else ''})",
+            f"model    {self.arch['name']} ({self.arch['num_classes']} classes, {self.arch['in_channels']} input channels)",
         ]
         if r.model.weights:
             lines.append(f"weights  {r.model.weights}: {self.weights_note}")
@@ -225,7 +224,7 @@ class Runner:
     def _finish_step(self, step: str, model: Any, record: dict) -> None:
         ckpt = self.run_dir / record["checkpoint"]
         digest = save_checkpoint(ckpt, model, self.plan.arch, step, {k: record[k] for k in ("top1", "val_top1")})
-        self.manifest.mark(step, record=record, checkpoint=record["checkpoint"], sha256=digest)
+        self.manifest.mark(step, record=record, checkpoint=record["checkpoint"], sha256=digest, seconds=record["seconds"])
         (self.run_dir / "checkpoints" / f"{step}.state.pt").unlink(missing_ok=True)
         self.console.print(f"[green]✓[/green] {step}: test top-1 {record['top1'] * 100:.2f}%  "
                            f"params {record['params']:,}  MACs {record['macs']:,}  ({record['seconds']:.1f}s)")
@@ -297,14 +296,33 @@ class Runner:
             target = TARGETS.get(entry.target)
             self.console.print(f"exporting {entry.name} ...")
             t0 = time.time()
-            art = target.export(model, self._example(2), entry.config, out_dir / f"{entry.name}.{entry.target}",
-                                spec=self.data.input_spec, from_stage=last)
+            path = out_dir / f"{entry.name}.{entry.target}"
+            try:
+                art = target.export(model, self._example(2), entry.config, path, spec=self.data.input_spec,
+                                    from_stage=last)
+            except RescompressError:
+                raise
+            except Exception as exc:  # the exporter broke on this model: keep the run, record why
+                art = self._failed_export(entry, path, last, exc)
             self.console.print(f"[green]✓[/green] {entry.name}: {art.status}, {art.size_bytes or 0:,} bytes ({time.time() - t0:.1f}s)")
             artifacts.append(art)
         self.manifest.mark("export", artifacts={a.name: {"path": str(a.path.relative_to(self.run_dir)) if a.path else None,
                                                          "sha256": sha256(a.path) if a.path and a.path.exists() else None,
                                                          "status": a.status} for a in artifacts})
         return artifacts
+
+    def _failed_export(self, entry: Any, path: Path, from_stage: str, exc: Exception) -> Any:
+        import traceback
+
+        from rescompress.export import Artifact
+
+        log = self.run_dir / "logs" / f"export-{entry.name}.log"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return Artifact(name=entry.name, target=entry.target, precision=entry.config.precision, path=None,
+                        input_spec=self.data.input_spec, runtime="", status="failed", from_stage=from_stage,
+                        message=f"{type(exc).__name__}: {first} (traceback: {log.relative_to(self.run_dir)})")
 
     def measure(self, artifacts: list, baseline_top1: float) -> tuple[list[dict], list[dict]]:
         """Accuracy and parity of every artifact in its own runtime, then latency per device."""
@@ -362,9 +380,8 @@ class Runner:
         from rescompress.report import SCHEMA_VERSION, write_report
         import rescompress
 
-        stages = [self.manifest.done(s)["record"] for s in self.plan.steps[:-3]]
-        for s in stages:
-            s.pop("history", None)
+        stages = [{k: v for k, v in self.manifest.done(s)["record"].items() if k != "history"}
+                  for s in self.plan.steps[:-3]]
         started = self.manifest.data["created"]
         report = {
             "schema_version": SCHEMA_VERSION,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rescompress.errors import RecipeError
 from rescompress.registry import suggest
@@ -112,20 +112,17 @@ class Recipe(Strict):
     @field_validator("export", mode="before")
     @classmethod
     def _exports(cls, value: Any) -> list[ExportEntry]:
-        return _entries(value, "target", "export", ExportEntry, "target")
+        entries = _entries(value, "target", "export", ExportEntry, "target")
+        names = [e.name for e in entries]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise _EntryError((), f"{', '.join(dupes)} listed more than once")
+        return entries
 
     @field_validator("devices", mode="before")
     @classmethod
     def _devices(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _unique_exports(self) -> "Recipe":
-        names = [e.name for e in self.export]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"export lists {', '.join(dupes)} more than once")
-        return self
 
     def to_yaml_dict(self) -> dict:
         """The resolved recipe (defaults filled in), as plain YAML-able data."""

@@ -56,7 +56,7 @@ def test_string_shorthands():
         ({"stages": [{"finetune": 3}]}, r"stages\[0\]\.finetune: expected a mapping of options"),
         ({"export": [{"onnx": {"precision": "int4"}}]}, r"export\[0\]\.onnx\.precision: Input should be 'fp32'"),
         ({"export": [{"onxx": {}}]}, r"export\[0\]: unknown export target 'onxx' — did you mean 'onnx'\?"),
-        ({"export": ["onnx", "onnx"]}, r"export: onnx-fp32 more than once"),
+        ({"export": ["onnx", "onnx"]}, r"export: onnx-fp32 listed more than once"),
         ({"train": {"augment": ["rotate"]}}, r"train\.augment"),
     ],
 )

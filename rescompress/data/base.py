@@ -25,7 +25,9 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise DataError(f"split images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(
+                f"split images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
             raise DataError(
                 f"split labels must be int64 (N,) with N={self.images.shape[0]}, "
@@ -104,7 +106,7 @@ def _fraction_size(n: int, fraction: float, what: str) -> int:
         raise DataError(f"{what} must be in (0, 1), got {fraction}")
     size = int(round(n * fraction))
     if size == 0 or size == n:
-        raise DataError(f"{what}={fraction} of {n} images leaves an empty split; choose a fraction that keeps both sides")
+        raise DataError(f"{what}={fraction} of {n} images leaves an empty split; choose one that keeps both sides")
     return size
 
 
@@ -202,7 +204,9 @@ def assemble(
         if len(labels) == 0:
             raise DataError(f"dataset '{name}' has an empty {split} split")
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise DataError(f"dataset '{name}' {split} labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+            raise DataError(
+                f"dataset '{name}' {split} labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+            )
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
         if target < x.shape[1]:  # fewer channels first: less to resize
             x = convert_channels(x, target)

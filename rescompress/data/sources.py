@@ -5,6 +5,7 @@ Each loader reads arrays at native size; `load_dataset` splits, resizes and norm
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import pickle
 from pathlib import Path
@@ -78,7 +79,9 @@ def load_digits(root: str | None, image_size: int | None, channels: int | None) 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+]
 _FASHION_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -155,21 +158,23 @@ def load_fashion_mnist(root: str | None, image_size: int | None, channels: int |
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 _CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 _NP_CORE = getattr(np, "_core", None) or np.core
-_SAFE_GLOBALS: dict[str, Any] = {
-    "_reconstruct": _NP_CORE.multiarray._reconstruct,
-    "scalar": _NP_CORE.multiarray.scalar,
-    "_frombuffer": _NP_CORE.numeric._frombuffer,
-    "ndarray": np.ndarray,
-    "dtype": np.dtype,
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("_codecs", "encode"): codecs.encode,  # how Python 3 writes bytes at pickle protocol 2
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy._core.multiarray", "_reconstruct"): _NP_CORE.multiarray._reconstruct,
+    ("numpy._core.multiarray", "scalar"): _NP_CORE.multiarray.scalar,
+    ("numpy._core.numeric", "_frombuffer"): _NP_CORE.numeric._frombuffer,
 }
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists and numpy arrays only: a batch file cannot run code."""
+    """Unpickles dicts, lists, bytes and numpy arrays only: a batch file cannot run code."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] == "numpy" and name in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[name]
+        key = (module.replace("numpy.core.", "numpy._core."), name)
+        if key in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[key]
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -62,7 +63,8 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
         level = logging.getLogger("torch.onnx").level
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            with contextlib.redirect_stdout(quiet):
+            with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
                 torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=cfg.opset,
                                   input_names=["input"], output_names=["logits"], dynamic_shapes=dynamic,
                                   external_data=False, verbose=False)
