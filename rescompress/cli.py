@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rescompress import __version__
+from rescompress.console import TeeConsole
 from rescompress.errors import RescompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -60,16 +62,26 @@ def run(
         else:
             plan, run_dir, manifest = pipeline.prepare_new(recipe, out)
             console.print(f"run directory: [bold]{run_dir}[/bold]")
-        console.print(plan.describe())
+        out = TeeConsole(run_dir / "logs" / "run.log", highlight=False)
+        out.print(f"rescompress {__version__} · {' '.join(sys.argv)}")
+        out.print(plan.describe())
         try:
-            report = pipeline.execute(plan, run_dir, manifest, console)
+            report = pipeline.execute(plan, run_dir, manifest, out)
+            _summary(report, run_dir, out)
         except KeyboardInterrupt:
-            err_console.print(f"interrupted; continue with: rescompress run --resume {run_dir}")
+            out.print(f"interrupted; continue with: rescompress run --resume {run_dir}")
             raise typer.Exit(130) from None
-        _summary(report, run_dir)
+        except RescompressError as exc:
+            out.print(f"error: {exc}")
+            raise
+        except Exception:
+            out.log_exception()  # a bug, not a user error: the traceback goes to the log and the terminal
+            raise
+        finally:
+            out.close()
 
 
-def _summary(report: dict, run_dir: Path) -> None:
+def _summary(report: dict, run_dir: Path, console: Console) -> None:
     for device in report["devices"]:
         table = Table(title=f"{device['name']} — {device['description']}", title_justify="left")
         for col in ("artifact", "top-1 %", "Δ pt", "p50 ms", "p90 ms", "size", "latency source"):

@@ -93,8 +93,17 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
 
 
 def resolve_arch(recipe: Recipe, data: Any) -> dict:
+    """The build_model arguments. `stem: auto` follows the weights file when one is given (a torchvision
+    file has the 7x7 ImageNet stem), else picks the small-input stem for images under 96 pixels."""
     spec = data.input_spec
-    small = {"small": True, "imagenet": False}.get(recipe.model.stem, min(spec.height, spec.width) < 96)
+    small = {"small": True, "imagenet": False}.get(recipe.model.stem)
+    if small is None and recipe.model.weights:
+        from rescompress.models import read_state_dict
+
+        conv1 = read_state_dict(recipe.model.weights).get("conv1.weight")
+        small = None if conv1 is None or conv1.ndim != 4 else conv1.shape[-1] == 3
+    if small is None:
+        small = min(spec.height, spec.width) < 96
     return {
         "name": recipe.model.name,
         "num_classes": recipe.model.num_classes or data.num_classes,
@@ -166,11 +175,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def save_checkpoint(path: Path, model: Any, arch: dict, stage: str, metrics: dict) -> str:
+def save_checkpoint(path: Path, model: Any, arch: dict, input_spec: dict, stage: str, metrics: dict) -> str:
+    """A checkpoint that reloads with weights_only=True: tensors plus plain data (architecture, input spec)."""
     import torch
 
-    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "stage": stage, "metrics": metrics,
-               "state_dict": model.state_dict()}
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "input_spec": input_spec, "stage": stage,
+               "metrics": metrics, "state_dict": model.state_dict()}
     atomic_write(path, lambda p: torch.save(payload, p))
     return sha256(path)
 
@@ -223,7 +233,8 @@ class Runner:
 
     def _finish_step(self, step: str, model: Any, record: dict) -> None:
         ckpt = self.run_dir / record["checkpoint"]
-        digest = save_checkpoint(ckpt, model, self.plan.arch, step, {k: record[k] for k in ("top1", "val_top1")})
+        digest = save_checkpoint(ckpt, model, self.plan.arch, self.data.input_spec.to_dict(), step,
+                                 {k: record[k] for k in ("top1", "val_top1")})
         self.manifest.mark(step, record=record, checkpoint=record["checkpoint"], sha256=digest, seconds=record["seconds"])
         (self.run_dir / "checkpoints" / f"{step}.state.pt").unlink(missing_ok=True)
         self.console.print(f"[green]✓[/green] {step}: test top-1 {record['top1'] * 100:.2f}%  "

@@ -174,7 +174,8 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
         generator.set_state(state["generator"])
         return int(state["epoch"]), list(state["history"])
     except Exception as exc:  # a torn or foreign file: say which, never train on half a state
-        raise ResumeError(f"cannot resume from {path}: {exc}. Delete it to restart this stage from its beginning.") from None
+        raise ResumeError(f"cannot resume from {path}: it is damaged or not a training state ({type(exc).__name__}). "
+                          f"Delete it to restart this stage from its beginning.") from None
 
 
 @torch.no_grad()

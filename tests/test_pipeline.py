@@ -140,3 +140,5 @@ def test_sigkill_during_training_then_resume(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert report["stages"][0]["top1"] > 0.5
     assert (run_dir / "report.html").is_file() and (run_dir / "plots/accuracy_vs_latency.png").is_file()
+    log = (run_dir / "logs/run.log").read_text()
+    assert "baseline epoch 1/6" in log and "resuming after epoch" in log  # both attempts appended

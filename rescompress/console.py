@@ -1,0 +1,34 @@
+"""A terminal console that also appends everything it prints to a run's log file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+class TeeConsole(Console):
+    """Prints to the terminal as usual and, as plain text, to `log_path` (line-buffered, so a killed run
+    keeps its log up to the last line). Live progress bars stay on the terminal only."""
+
+    def __init__(self, log_path: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (lives with the console)
+        self._log = Console(file=self._log_file, width=120, no_color=True, highlight=False, soft_wrap=True)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*objects, **kwargs)
+        self._log.print(*objects, **kwargs)
+
+    def rule(self, *args: Any, **kwargs: Any) -> None:
+        super().rule(*args, **kwargs)
+        self._log.rule(*args, **kwargs)
+
+    def log_exception(self) -> None:
+        """Write the exception being handled to the log file only."""
+        self._log.print_exception()
+
+    def close(self) -> None:
+        self._log_file.close()
