@@ -121,15 +121,20 @@ def list_(what: Listable = typer.Argument(..., help="what to list")) -> None:
         console.print(table)
 
 
+def _first_line(obj: object) -> str:
+    return ((obj.__doc__ or "").strip().splitlines() or [""])[0]
+
+
 def _listing(what: Listable) -> list[tuple[str, str]]:
     if what is Listable.models:
         from rescompress.models import MODELS
 
-        return [(n, (MODELS.get(n).__doc__ or "").strip().splitlines()[0] if MODELS.get(n).__doc__ else "") for n in MODELS]
+        return [(n, _first_line(fn)) for n, fn in MODELS.items()]
     if what is Listable.datasets:
         from rescompress.data import DATASETS, default_root
 
-        return [(n, f"default root: {default_root(n)}" if default_root(n) else "") for n in DATASETS]
+        return [(n, _first_line(fn) + (f" (default root: {default_root(n)})" if default_root(n) else ""))
+                for n, fn in DATASETS.items()]
     if what is Listable.stages:
         from rescompress.stages import STAGES
 

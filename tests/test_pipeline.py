@@ -142,3 +142,39 @@ def test_sigkill_during_training_then_resume(tmp_path):
     assert (run_dir / "report.html").is_file() and (run_dir / "plots/accuracy_vs_latency.png").is_file()
     log = (run_dir / "logs/run.log").read_text()
     assert "baseline epoch 1/6" in log and "resuming after epoch" in log  # both attempts appended
+
+
+def test_transfer_from_imagenet_style_weights(tmp_path, console):
+    """A torchvision-layout resnet18 file with a 1000-class head: the head is replaced, the backbone frozen,
+    the 7x7 stem is kept (stem: auto follows the file), and the new head is fine-tuned."""
+    from rescompress.models import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model("resnet18", num_classes=1000, in_channels=3).state_dict(), tmp_path / "r18.pth")
+    data = copy.deepcopy(TINY_RECIPE)
+    data["model"] = {"name": "resnet18", "weights": str(tmp_path / "r18.pth"), "freeze": "backbone"}
+    data["data"] = {"name": "digits", "channels": 3, "image_size": 32, "limit_train": 200}
+    data["train"] = {"epochs": 1, "batch_size": 50}
+    data["export"] = []
+    report, run_dir = _run(write_recipe(tmp_path / "transfer.yaml", data), tmp_path / "runs", console)
+    (stage,) = report["stages"]
+    assert report["model"]["arch"] == {"name": "resnet18", "num_classes": 10, "in_channels": 3, "small_input": False}
+    notes = " ".join(stage["notes"])
+    assert "1000" in notes and "frozen" in notes
+    ckpt = torch.load(run_dir / "checkpoints/00-baseline.pt", weights_only=True)
+    original = torch.load(tmp_path / "r18.pth", weights_only=True)
+    assert torch.equal(ckpt["state_dict"]["layer4.1.conv2.weight"], original["layer4.1.conv2.weight"])
+    assert ckpt["state_dict"]["fc.weight"].shape == (10, 512)
+    assert ckpt["input_spec"]["channels"] == 3
+
+
+def test_report_command_rerenders(tmp_path, console):
+    from typer.testing import CliRunner
+
+    from rescompress.cli import app
+
+    _, run_dir = _run(write_recipe(tmp_path / "tiny.yaml", TINY_RECIPE), tmp_path / "runs", console)
+    (run_dir / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "onnx-fp32" in (run_dir / "report.md").read_text()

@@ -162,7 +162,9 @@ def _register(name: str, block: Block, depths: Sequence[int], widths: Sequence[i
         }
         return model
 
-    build.__doc__ = f"Build {name}."
+    style = "CIFAR-style, 3x3 stem" if cifar else "ImageNet-style, torchvision keys"
+    build.__doc__ = (f"{style}; {block.__name__} {'/'.join(map(str, depths))}, "
+                     f"widths {'/'.join(map(str, widths))}")
     MODELS.add(name, build)
 
 
