@@ -221,10 +221,10 @@ def test_markdown_tables(report: dict[str, Any]) -> None:
     artifacts = {row[0]: row for row in _table_rows(text, "## Artifacts")}
     assert artifacts["onnx-fp32"][6:8] == ["2.1e-06 vs torch-fp32", "100.00"]
     assert artifacts["tensorrt-int8"][4] == "deferred"
-    assert artifacts["onnx-int8"][10] == "0 error(s), 1 warning(s)"
+    assert artifacts["onnx-int8"][10] == "1 warning"
     assert "tensorrt-int8 (deferred): engine build deferred: run `trtexec" in text
     assert "tflite-int8 (failed): litert-torch is not installed" in text
-    assert "onnx-int8: [warning] qdq-residual-add at /layer2/Add_1: residual Add input is not quantized" in text
+    assert "onnx-int8: [warning] qdq-residual-add at /layer2/Add_1: residual Add input is not quantized (fix: quantize both Add inputs)" in text
     assert "- ptq: calibrated on 256 training images" in text
 
 
@@ -238,7 +238,7 @@ def test_markdown_devices_star_recommendation(report: dict[str, Any]) -> None:
     assert host["tflite-int8"][5:10] == ["—", "—", "—", "—", "—"]
     assert "- tflite-int8 (failed): artifact export failed" in text
     assert ("- **Recommendation:** onnx-int8: fastest within 1.0 pt of the baseline "
-            "(top-1 97.50 %, p50 0.137 ms (measured))") in text
+            "(top-1 97.50 %, p50 0.137 ms measured)") in text
     jetson = {row[1]: row for row in _table_rows(text, "## Device: jetson-orin-nano")}
     assert jetson["onnx-int8"][9] == "measured-remote" and "power mode 15W" in jetson["onnx-int8"][10]
     assert jetson["onnx-fp32"][0] == "★" and jetson["onnx-int8"][0] == ""

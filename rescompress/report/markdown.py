@@ -176,8 +176,8 @@ def _lint_summary(findings: list[Mapping[str, Any]] | None) -> str:
     if findings is None:
         return MISSING
     errors = sum(f["severity"] == "error" for f in findings)
-    warnings = len(findings) - errors
-    return "clean" if not findings else f"{errors} error(s), {warnings} warning(s)"
+    counts = ((errors, "error"), (len(findings) - errors, "warning"))
+    return ", ".join(f"{n} {word}{'s' if n > 1 else ''}" for n, word in counts if n) or "clean"
 
 
 def _artifacts(report: Mapping[str, Any]) -> list[Block]:
@@ -206,7 +206,7 @@ def _artifacts(report: Mapping[str, Any]) -> list[Block]:
         f"{a['name']}: [{f['severity']}] {f['rule']}"
         + (f" at {f['node']}" if f.get("node") else "")
         + f": {f['message']}"
-        + (f" Fix: {f['fix']}" if f.get("fix") else "")
+        + (f" (fix: {f['fix']})" if f.get("fix") else "")
         for a in report["artifacts"] for f in a.get("lint") or []
     ]
     if findings:
@@ -272,7 +272,7 @@ def _device(device: Mapping[str, Any]) -> list[Block]:
         latency = result.get("latency") or {}
         detail = ", ".join(part for part in (
             f"top-1 {fmt_pct(result.get('top1'))} %" if result.get("top1") is not None else "",
-            f"p50 {fmt_ms(latency.get('p50_ms'))} ms ({latency['source']})" if latency.get("p50_ms") is not None else "",
+            f"p50 {fmt_ms(latency.get('p50_ms'))} ms {latency['source']}" if latency.get("p50_ms") is not None else "",
         ) if part)
         text = rec["artifact"] + (f": {rec['reason']}" if rec.get("reason") else "")
         blocks.append(Fields([("Recommendation", text + (f" ({detail})" if detail else ""))]))
