@@ -8,12 +8,10 @@ with its checkpoint and content hash, so `resume` continues after the last finis
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,12 +19,10 @@ from rich.console import Console
 
 from rescompress.devices import DeviceProfile, load_device
 from rescompress.errors import RescompressError, ResumeError, WeightsError
-from rescompress.fileio import atomic_write, atomic_write_json
 from rescompress.recipe import Recipe, load_recipe, parse_recipe, save_resolved
+from rescompress.rundir import Manifest, load_checkpoint, new_run_dir, now, save_checkpoint, sha256
 
-MANIFEST = "manifest.json"
 RESOLVED = "recipe.yaml"
-CHECKPOINT_FORMAT = "rescompress-checkpoint"
 
 
 @dataclass
@@ -110,94 +106,6 @@ def resolve_arch(recipe: Recipe, data: Any) -> dict:
         "in_channels": recipe.model.in_channels or spec.channels,
         "small_input": small,
     }
-
-
-# ----------------------------------------------------------------------------------------------- run dir
-
-
-def new_run_dir(out_root: Path, name: str) -> Path:
-    """`<out>/<name>-<timestamp>`, never an existing directory."""
-    out_root.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 1000):
-        path = out_root / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise ResumeError(f"cannot create a new run directory under {out_root}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class Manifest:
-    path: Path
-    data: dict = field(default_factory=dict)
-
-    @classmethod
-    def create(cls, run_dir: Path, recipe: Recipe) -> "Manifest":
-        m = cls(run_dir / MANIFEST, {"schema_version": 1, "recipe": recipe.name, "recipe_digest": recipe.digest(),
-                                     "created": _now(), "steps": {}})
-        m.save()
-        return m
-
-    @classmethod
-    def load(cls, run_dir: Path) -> "Manifest":
-        path = run_dir / MANIFEST
-        if not path.is_file():
-            raise ResumeError(f"{run_dir} is not a rescompress run directory (no {MANIFEST})")
-        try:
-            return cls(path, json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as exc:
-            raise ResumeError(f"{path} is damaged ({exc}); the run cannot be resumed") from None
-
-    def save(self) -> None:
-        atomic_write_json(self.path, self.data)
-
-    def done(self, step: str) -> Optional[dict]:
-        entry = self.data["steps"].get(step)
-        return entry if entry and entry.get("status") == "done" else None
-
-    def mark(self, step: str, **info: Any) -> None:
-        self.data["steps"][step] = {"status": "done", "finished": _now(), **info}
-        self.save()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def save_checkpoint(path: Path, model: Any, arch: dict, input_spec: dict, stage: str, metrics: dict) -> str:
-    """A checkpoint that reloads with weights_only=True: tensors plus plain data (architecture, input spec)."""
-    import torch
-
-    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "input_spec": input_spec, "stage": stage,
-               "metrics": metrics, "state_dict": model.state_dict()}
-    atomic_write(path, lambda p: torch.save(payload, p))
-    return sha256(path)
-
-
-def load_checkpoint(path: Path, expected_sha: str, arch: dict) -> Any:
-    import torch
-
-    from rescompress.models import build_model
-
-    if not path.is_file():
-        raise ResumeError(f"checkpoint {path} is missing; the run cannot continue past it")
-    if sha256(path) != expected_sha:
-        raise ResumeError(f"checkpoint {path} does not match the hash in {MANIFEST}: it was changed or damaged")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(**arch)
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -399,7 +307,7 @@ class Runner:
             "rescompress_version": rescompress.__version__,
             "recipe": {"name": self.recipe.name, "path": str(self.plan.source) if self.plan.source else None,
                        "accuracy_budget_pt": self.recipe.report.accuracy_budget_pt},
-            "run": {"dir": str(self.run_dir), "started": started, "finished": _now(),
+            "run": {"dir": str(self.run_dir), "started": started, "finished": now(),
                     "seconds": round(sum(float(e.get("seconds", 0)) for e in self.manifest.data["steps"].values()), 1)},
             "dataset": self.data.summary(),
             "model": {"name": self.plan.arch["name"], "weights": self.recipe.model.weights, "arch": self.plan.arch},

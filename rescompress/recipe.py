@@ -139,14 +139,17 @@ def _dump(config: Any) -> Any:
     return config.model_dump(mode="json") if isinstance(config, BaseModel) else config
 
 
-def _config_for(kind: str, name: str, options: Any) -> BaseModel:
-    """Validate `options` against the config class registered for stage/target `name`."""
+def _config_class(kind: str, name: str) -> type[BaseModel]:
+    """The config class registered for stage or export target `name` (UnknownNameError if none)."""
     if kind == "stage":
         from rescompress.stages import STAGES as registry
     else:
         from rescompress.export import TARGETS as registry
-    config_cls = registry.get(name).config
-    return config_cls.model_validate(options or {})
+    return registry.get(name).config
+
+
+def _config_for(kind: str, name: str, options: Any) -> BaseModel:
+    return _config_class(kind, name).model_validate(options or {})
 
 
 class _EntryError(ValueError):
@@ -184,17 +187,9 @@ def _entries(value: Any, kind: str, section: str, entry_cls: type[BaseModel], ke
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = (i, name, *first["loc"])
-            raise _EntryError(loc, _describe(first, _model_at(type_of_config(kind, name), first["loc"][:-1]))) from None
+            raise _EntryError(loc, _describe(first, _model_at(_config_class(kind, str(name)), first["loc"][:-1]))) from None
         out.append(entry_cls(**{key_field: str(name), "config": config}))
     return out
-
-
-def type_of_config(kind: str, name: str) -> type[BaseModel]:
-    if kind == "stage":
-        from rescompress.stages import STAGES as registry
-    else:
-        from rescompress.export import TARGETS as registry
-    return registry.get(name).config
 
 
 def _example(kind: str) -> str:

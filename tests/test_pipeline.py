@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from rescompress.errors import ResumeError
-from rescompress.pipeline import MANIFEST, Manifest, prepare_new, prepare_resume, execute
+from rescompress.pipeline import execute, prepare_new, prepare_resume
+from rescompress.rundir import MANIFEST, Manifest
 from rescompress.report import validate_report
 from tests.conftest import TINY_RECIPE, write_recipe
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from rescompress.errors import PlanError, RecipeError
-from rescompress.recipe import Recipe, load_recipe, parse_recipe, save_resolved
+from rescompress.recipe import load_recipe, parse_recipe, save_resolved
 from rescompress.stages import StageSpec, STAGES, check_order
 from tests.conftest import TINY_RECIPE, write_recipe
 

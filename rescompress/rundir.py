@@ -1,0 +1,103 @@
+"""The run directory: a never-reused folder, a manifest of finished steps with content hashes, and
+checkpoints that reload with `torch.load(..., weights_only=True)`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from rescompress.errors import ResumeError
+from rescompress.fileio import atomic_write, atomic_write_json
+from rescompress.recipe import Recipe
+
+MANIFEST = "manifest.json"
+CHECKPOINT_FORMAT = "rescompress-checkpoint"
+
+
+def new_run_dir(out_root: Path, name: str) -> Path:
+    """`<out>/<name>-<timestamp>`, never an existing directory."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = out_root / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ResumeError(f"cannot create a new run directory under {out_root}")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, run_dir: Path, recipe: Recipe) -> "Manifest":
+        m = cls(run_dir / MANIFEST, {"schema_version": 1, "recipe": recipe.name, "recipe_digest": recipe.digest(),
+                                     "created": now(), "steps": {}})
+        m.save()
+        return m
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Manifest":
+        path = run_dir / MANIFEST
+        if not path.is_file():
+            raise ResumeError(f"{run_dir} is not a rescompress run directory (no {MANIFEST})")
+        try:
+            return cls(path, json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise ResumeError(f"{path} is damaged ({exc}); the run cannot be resumed") from None
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def done(self, step: str) -> Optional[dict]:
+        entry = self.data["steps"].get(step)
+        return entry if entry and entry.get("status") == "done" else None
+
+    def mark(self, step: str, **info: Any) -> None:
+        self.data["steps"][step] = {"status": "done", "finished": now(), **info}
+        self.save()
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def save_checkpoint(path: Path, model: Any, arch: dict, input_spec: dict, stage: str, metrics: dict) -> str:
+    """A checkpoint that reloads with weights_only=True: tensors plus plain data (architecture, input spec)."""
+    import torch
+
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "input_spec": input_spec, "stage": stage,
+               "metrics": metrics, "state_dict": model.state_dict()}
+    atomic_write(path, lambda p: torch.save(payload, p))
+    return sha256(path)
+
+
+def load_checkpoint(path: Path, expected_sha: str, arch: dict) -> Any:
+    import torch
+
+    from rescompress.models import build_model
+
+    if not path.is_file():
+        raise ResumeError(f"checkpoint {path} is missing; the run cannot continue past it")
+    if sha256(path) != expected_sha:
+        raise ResumeError(f"checkpoint {path} does not match the hash in {MANIFEST}: it was changed or damaged")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(**arch)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
