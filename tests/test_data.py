@@ -325,3 +325,10 @@ def test_unknown_dataset_suggests_nearest():
         load_dataset("digit")
     with pytest.raises(DataError, match="takes no root"):
         load_dataset("digits", root="/tmp")
+
+
+def test_val_fraction_zero_means_no_validation_split():
+    from rescompress.data import load_dataset
+
+    bundle = load_dataset("digits", val_fraction=0.0)
+    assert len(bundle.val) == 0 and len(bundle.train) + len(bundle.test) == 1797

@@ -189,7 +189,9 @@ def assemble(
     if test is None:
         keep, held = stratified_split(train[1], _fraction_size(len(train[1]), test_fraction, "test_fraction"), seed)
         train, test = _take(train, keep), _take(train, held)
-    if val is None:
+    if val is None and val_fraction == 0:
+        val = (train[0][:0], train[1][:0])  # no validation split asked for
+    elif val is None:
         keep, held = stratified_split(train[1], _fraction_size(len(train[1]), val_fraction, "val_fraction"), seed + 1)
         train, val = _take(train, keep), _take(train, held)
     if limit_train is not None and limit_train < len(train[1]):
@@ -201,9 +203,9 @@ def assemble(
 
     def prepare(arrays: tuple[np.ndarray, np.ndarray], split: str) -> Split:
         images, labels = arrays
-        if len(labels) == 0:
+        if len(labels) == 0 and not (split == "val" and val_fraction == 0):
             raise DataError(f"dataset '{name}' has an empty {split} split")
-        if labels.min() < 0 or labels.max() >= num_classes:
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise DataError(
                 f"dataset '{name}' {split} labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
             )
