@@ -225,10 +225,13 @@ class Runner:
                 art = self._failed_export(entry, path, last, exc)
             self.console.print(f"[green]✓[/green] {entry.name}: {art.status}, {art.size_bytes or 0:,} bytes ({time.time() - t0:.1f}s)")
             artifacts.append(art)
-        self.manifest.mark("export", artifacts={a.name: {"path": str(a.path.relative_to(self.run_dir)) if a.path else None,
-                                                         "sha256": sha256(a.path) if a.path and a.path.exists() else None,
-                                                         "status": a.status} for a in artifacts})
         return artifacts
+
+    def index(self, artifacts: list) -> dict:
+        """Path, hash and status of every artifact, for the manifest."""
+        return {a.name: {"path": str(a.path.relative_to(self.run_dir)) if a.path else None,
+                         "sha256": sha256(a.path) if a.path and a.path.exists() else None,
+                         "status": a.status} for a in artifacts}
 
     def _failed_export(self, entry: Any, path: Path, from_stage: str, exc: Exception) -> Any:
         import traceback
@@ -333,27 +336,24 @@ def recommend(results: list[dict], budget_pt: float) -> Optional[dict]:
 
 
 def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> dict:
+    if plan.recipe.train.threads:
+        import torch
+
+        torch.set_num_threads(plan.recipe.train.threads)
     runner = Runner(plan, run_dir, manifest, console)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
-    timed = lambda step, fn, *a: _timed(manifest, step, fn, *a)  # noqa: E731
     model = runner.baseline()
     for i in range(len(plan.recipe.stages)):
         model = runner.stage(i, model)
-    baseline_top1 = manifest.done("baseline")["record"]["top1"]
-    artifacts = timed("export", runner.export, model)
-    art_rows, devices = timed("measure", runner.measure, artifacts, baseline_top1)
-    report = runner.report(art_rows, devices)
-    manifest.mark("report", seconds=0.0)
-    return report
-
-
-def _timed(manifest: Manifest, step: str, fn: Any, *args: Any) -> Any:
     t0 = time.time()
-    out = fn(*args)
-    entry = manifest.data["steps"].setdefault(step, {"status": "done"})
-    entry["seconds"] = round(time.time() - t0, 2)
-    manifest.save()
-    return out
+    artifacts = runner.export(model)
+    manifest.mark("export", seconds=round(time.time() - t0, 2), artifacts=runner.index(artifacts))
+    t0 = time.time()
+    art_rows, devices = runner.measure(artifacts, manifest.done("baseline")["record"]["top1"])
+    manifest.mark("measure", seconds=round(time.time() - t0, 2))
+    report = runner.report(art_rows, devices)
+    manifest.mark("report")
+    return report
 
 
 def prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest]:
