@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -94,7 +95,8 @@ class ExportEntry(Strict):
 
 
 class Recipe(Strict):
-    name: Optional[str] = Field(None, description="default: the recipe file's stem")
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=80,
+                                description="names the run directory; default: the recipe file's stem")
     seed: int = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -107,12 +109,12 @@ class Recipe(Strict):
     @field_validator("stages", mode="before")
     @classmethod
     def _stages(cls, value: Any) -> list[StageEntry]:
-        return _entries(value, "stage", "stages", StageEntry, "kind")
+        return _entries(value, "stage", StageEntry, "kind")
 
     @field_validator("export", mode="before")
     @classmethod
     def _exports(cls, value: Any) -> list[ExportEntry]:
-        entries = _entries(value, "target", "export", ExportEntry, "target")
+        entries = _entries(value, "target", ExportEntry, "target")
         names = [e.name for e in entries]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -161,7 +163,7 @@ class _EntryError(ValueError):
         self.message = message
 
 
-def _entries(value: Any, kind: str, section: str, entry_cls: type[BaseModel], key_field: str) -> list:
+def _entries(value: Any, kind: str, entry_cls: type[BaseModel], key_field: str) -> list:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -274,7 +276,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: the recipe is empty; start from recipes/quickstart.yaml")
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of sections (model, data, train, ...), got {_type_name(data)}")
-    data = {k: v for k, v in data.items() if k != "schema_version"} if data.get("schema_version") == SCHEMA_VERSION else data
+    data = dict(data)
+    version = data.pop("schema_version", SCHEMA_VERSION)  # written into resolved recipes
+    if version != SCHEMA_VERSION:
+        raise RecipeError(f"{source}: schema_version {version!r} is not supported; this rescompress reads {SCHEMA_VERSION}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -297,7 +302,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not a text file") from None
     recipe = parse_recipe(data, str(path))
     if recipe.name is None:
-        recipe.name = path.stem
+        recipe.name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "run"
     return recipe
 
 

@@ -58,6 +58,8 @@ def test_string_shorthands():
         ({"export": [{"onxx": {}}]}, r"export\[0\]: unknown export target 'onxx' — did you mean 'onnx'\?"),
         ({"export": ["onnx", "onnx"]}, r"export: onnx-fp32 listed more than once"),
         ({"train": {"augment": ["rotate"]}}, r"train\.augment"),
+        ({"name": "../escape"}, r"name: String should match pattern"),
+        ({"schema_version": 7}, r"schema_version 7 is not supported"),
     ],
 )
 def test_bad_recipes_name_the_field(data, match):
@@ -123,3 +125,8 @@ def test_impossible_stage_orders(order_stages, kinds, match):
 
 def test_legal_stage_order(order_stages):
     check_order(["t_prune", "finetune", "t_qat"])
+
+
+def test_file_stem_is_made_safe_for_a_directory_name(tmp_path):
+    data = {k: v for k, v in TINY_RECIPE.items() if k != "name"}
+    assert load_recipe(write_recipe(tmp_path / "my recipe (v2).yaml", data)).name == "my-recipe-v2"
