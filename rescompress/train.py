@@ -24,7 +24,16 @@ from rescompress.fileio import atomic_write
 from rescompress.models import set_train_mode
 from rescompress.recipe import TrainConfig
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# loss_fn(model, x, y) -> (loss, logits): the logits are the model's own, for the running train top-1.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+
+    return loss_fn
 
 
 def progress_bar(console: Console) -> Progress:
@@ -86,8 +95,7 @@ def fit(
     base_lr = cfg.lr if lr is None else lr
     console = console or Console(stderr=True)
     augment = resolve_augment(cfg, data)
-    if loss_fn is None:
-        loss_fn = lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)  # noqa: E731
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total = epochs * steps_per_epoch
@@ -110,8 +118,7 @@ def fit(
                                                 generator=generator, augment=augment)):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(epoch * steps_per_epoch + i, total, base_lr, cfg, steps_per_epoch)
-                logits_holder: dict = {}
-                loss = loss_fn(_capture(model, logits_holder), x, y)
+                loss, logits = loss_fn(model, x, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
@@ -119,8 +126,7 @@ def fit(
                 optimizer.step()
                 loss_sum += loss.item() * len(y)
                 seen += len(y)
-                if "logits" in logits_holder:
-                    correct += (logits_holder["logits"].argmax(1) == y).sum().item()
+                correct += (logits.detach().argmax(1) == y).sum().item()
                 progress.update(task, advance=1, info=f"loss {loss_sum / seen:.3f}")
             progress.remove_task(task)
             row = {
@@ -138,20 +144,6 @@ def fit(
                 _save_state(state_path, epoch + 1, history, model, optimizer, generator)
     model.eval()
     return history
-
-
-class _capture(nn.Module):
-    """Wraps the model so the loop can read the logits a custom loss computed, without computing them twice."""
-
-    def __init__(self, model: nn.Module, holder: dict) -> None:
-        super().__init__()
-        self.model = model
-        self.holder = holder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        self.holder["logits"] = out.detach()
-        return out
 
 
 def _save_state(path: Path, epoch: int, history: list, model: nn.Module, optimizer: torch.optim.Optimizer,
