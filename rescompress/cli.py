@@ -58,27 +58,28 @@ def run(
         if resume is not None:
             plan, run_dir, manifest = pipeline.prepare_resume(resume, recipe)
             done = [s for s in plan.steps if manifest.done(s)]
-            console.print(f"resuming [bold]{run_dir}[/bold] (finished: {', '.join(done) or 'nothing yet'})")
+            opening = f"resuming [bold]{run_dir}[/bold] (finished: {', '.join(done) or 'nothing yet'})"
         else:
             plan, run_dir, manifest = pipeline.prepare_new(recipe, out)
-            console.print(f"run directory: [bold]{run_dir}[/bold]")
-        out = TeeConsole(run_dir / "logs" / "run.log", highlight=False)
-        out.print(f"rescompress {__version__} · {' '.join(sys.argv)}")
-        out.print(plan.describe())
+            opening = f"run directory: [bold]{run_dir}[/bold]"
+        run_console = TeeConsole(run_dir / "logs" / "run.log", highlight=False)
+        run_console.print(f"rescompress {__version__} · {' '.join(sys.argv)}")
+        run_console.print(opening)
+        run_console.print(plan.describe())
         try:
-            report = pipeline.execute(plan, run_dir, manifest, out)
-            _summary(report, run_dir, out)
+            report = pipeline.execute(plan, run_dir, manifest, run_console)
+            _summary(report, run_dir, run_console)
         except KeyboardInterrupt:
-            out.print(f"interrupted; continue with: rescompress run --resume {run_dir}")
+            run_console.print(f"interrupted; continue with: rescompress run --resume {run_dir}")
             raise typer.Exit(130) from None
         except RescompressError as exc:
-            out.print(f"error: {exc}")
+            run_console.log_only(f"error: {exc}")  # the terminal gets it from user_errors
             raise
         except Exception:
-            out.log_exception()  # a bug, not a user error: the traceback goes to the log and the terminal
+            run_console.log_exception()  # a bug, not a user error: traceback to the log, and to the terminal below
             raise
         finally:
-            out.close()
+            run_console.close()
 
 
 def _summary(report: dict, run_dir: Path, console: Console) -> None:

@@ -26,6 +26,10 @@ class TeeConsole(Console):
         super().rule(*args, **kwargs)
         self._log.rule(*args, **kwargs)
 
+    def log_only(self, text: str) -> None:
+        """Write a line to the log file only (the terminal shows it another way)."""
+        self._log.print(text)
+
     def log_exception(self) -> None:
         """Write the exception being handled to the log file only."""
         self._log.print_exception()

@@ -118,7 +118,6 @@ class Runner:
         self.plan, self.run_dir, self.manifest, self.console = plan, run_dir, manifest, console
         self.recipe = plan.recipe
         self.data = plan.data
-        self.t_start = time.time()
 
     # -- helpers
     def _example(self, batch: int = 1):
