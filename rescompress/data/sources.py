@@ -182,8 +182,8 @@ def _read_batch(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
-        raise DataError(f"cannot read CIFAR batch {path}: {e}") from None
+    except Exception as e:  # arbitrary bytes can fail the unpickler in any way
+        raise DataError(f"cannot read CIFAR batch {path}: {type(e).__name__}: {e}") from None
     if not isinstance(batch, dict):
         raise DataError(f"CIFAR batch {path} holds a {type(batch).__name__}, expected a dict")
     return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in batch.items()}
