@@ -18,9 +18,12 @@ class DeviceProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
-    latency_source: Literal["measured"] = Field(
-        "measured", description="how latency is obtained: measured on this host, in the artifact's runtime")
+    latency_source: Literal["measured", "none"] = Field(
+        "measured", description="how latency is obtained: measured on this host in the artifact's runtime, "
+                                "or none (accuracy only, until the device can be reached or estimated)")
     runtimes: list[str] = ["torch", "onnxruntime"]
+    int8_scheme: Optional[Literal["tensorrt", "onnxruntime", "tflite"]] = Field(
+        None, description="the int8 layout its runtime runs fast; the default scheme of qat/ptq stages")
     threads: Optional[int] = Field(None, gt=0, description="default: the recipe's report.latency.threads")
 
 

@@ -18,9 +18,10 @@ from typing import Any, Optional
 from rich.console import Console
 
 from rescompress.devices import DeviceProfile, load_device
-from rescompress.errors import RescompressError, ResumeError, WeightsError
+from rescompress.errors import PlanError, RescompressError, ResumeError, WeightsError
 from rescompress.recipe import Recipe, load_recipe, parse_recipe, save_resolved
 from rescompress.rundir import Manifest, load_checkpoint, new_run_dir, now, save_checkpoint, sha256
+from rescompress.stages import STAGES
 
 RESOLVED = "recipe.yaml"
 
@@ -71,7 +72,8 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
     from rescompress.stages import check_order
 
     MODELS.get(recipe.model.name)  # unknown model: fails before the data loads
-    check_order([s.kind for s in recipe.stages])
+    check_order([s.kind for s in recipe.stages], [s.config for s in recipe.stages])
+    check_exports(recipe)
     devices = [load_device(name) for name in recipe.devices]
     d = recipe.data
     data = load_dataset(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
@@ -86,6 +88,16 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
         report = load_weights(build_model(**arch), recipe.model.weights, model_name=arch["name"])
         note = report.note or f"{report.loaded} tensors fit"
     return Plan(recipe=recipe, data=data, arch=arch, devices=devices, weights_note=note, source=source)
+
+
+def check_exports(recipe: Recipe) -> None:
+    """An int8 export needs an int8 model: a qat or ptq stage must produce it."""
+    quantizing = [s.kind for s in recipe.stages if STAGES.get(s.kind).quantizes]
+    for i, entry in enumerate(recipe.export):
+        if entry.config.precision == "int8" and not quantizing:
+            int8 = ", ".join(n for n, spec in STAGES.items() if spec.quantizes)
+            raise PlanError(f"export[{i}] {entry.name} needs an int8 model, but no stage quantizes: add one of "
+                            f"{int8} to stages (qat keeps the most accuracy, ptq is quicker)")
 
 
 def resolve_arch(recipe: Recipe, data: Any) -> dict:
@@ -126,17 +138,19 @@ class Runner:
         spec = self.data.input_spec
         return torch.zeros(batch, spec.channels, spec.height, spec.width)
 
-    def _stage_record(self, name: str, kind: str, model: Any, seconds: float, ckpt: Path, notes: list[str],
-                      history: Optional[list] = None) -> dict:
+    def _stage_record(self, name: str, kind: str, model: Any, seconds: float, notes: list[str],
+                      history: Optional[list] = None, extra: Optional[dict] = None) -> dict:
         from rescompress.profile import profile
+        from rescompress.rundir import checkpoint_suffix
         from rescompress.train import evaluate
 
         bs = self.recipe.train.eval_batch_size
         spec = self.data.input_spec
         val = evaluate(model, self.data.val, spec, bs) if len(self.data.val) else None
+        ckpt = Path("checkpoints") / f"{'00-' if name == 'baseline' else ''}{name}{checkpoint_suffix(model)}"
         return {"name": name, "kind": kind, "top1": evaluate(model, self.data.test, spec, bs), "val_top1": val,
-                **profile(model, self._example()), "seconds": round(seconds, 2),
-                "checkpoint": str(ckpt.relative_to(self.run_dir)), "notes": notes, "history": history or []}
+                "precision": "fp32", **(extra or {}), **profile(model, self._example()), "seconds": round(seconds, 2),
+                "checkpoint": str(ckpt), "notes": notes, "history": history or []}
 
     def _finish_step(self, step: str, model: Any, record: dict) -> None:
         ckpt = self.run_dir / record["checkpoint"]
@@ -174,13 +188,12 @@ class Runner:
                           state_path=self.run_dir / "checkpoints" / f"{step}.state.pt", desc="baseline")
         for p in model.parameters():
             p.requires_grad_(True)
-        record = self._stage_record(step, "train", model.eval(), time.time() - t0,
-                                    self.run_dir / "checkpoints" / f"00-{step}.pt", notes, history)
+        record = self._stage_record(step, "train", model.eval(), time.time() - t0, notes, history)
         self._finish_step(step, model, record)
         return model
 
     def stage(self, index: int, model: Any) -> Any:
-        from rescompress.stages import STAGES, StageContext
+        from rescompress.stages import StageContext
 
         entry = self.recipe.stages[index]
         step = stage_step(index, entry.kind)
@@ -189,39 +202,58 @@ class Runner:
             return load_checkpoint(self.run_dir / done["checkpoint"], done["sha256"], self.plan.arch)
         spec = STAGES.get(entry.kind)
         ctx = StageContext(recipe=self.recipe, data=self.data, work_dir=self.run_dir / "checkpoints" / step,
-                           console=self.console, seed=self.recipe.seed, index=index, teacher=copy.deepcopy(model).eval())
+                           console=self.console, seed=self.recipe.seed, index=index, arch=self.plan.arch,
+                           example=self._example(2), devices=self.plan.devices, teacher=copy.deepcopy(model).eval())
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self.console.rule(f"{step}: {spec.summary}")
         model = spec.run(model, entry.config, ctx).eval()
-        record = self._stage_record(step, entry.kind, model, time.time() - t0,
-                                    self.run_dir / "checkpoints" / f"{step}.pt", ctx.notes)
+        record = self._stage_record(step, entry.kind, model, time.time() - t0, ctx.notes, extra=ctx.record)
         self._finish_step(step, model, record)
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
         return model
+
+    def export_sources(self, model: Any) -> dict[str, tuple[str, Any]]:
+        """Which model each precision is exported from: int8 from the quantized model the stages left,
+        everything else from the last float model (the step before the int8 stage)."""
+        from rescompress.compress.pt2e import is_quantized
+
+        steps = self.plan.steps[:-3]
+        if not is_quantized(model):
+            return {"fp32": (steps[-1], model)}
+        first_int8 = next(i for i, s in enumerate(self.recipe.stages) if STAGES.get(s.kind).quantizes)
+        float_step = steps[first_int8]  # steps[0] is the baseline, so this is the step before that stage
+        done = self.manifest.done(float_step)
+        float_model = load_checkpoint(self.run_dir / done["checkpoint"], done["sha256"], self.plan.arch)
+        return {"fp32": (float_step, float_model), "int8": (steps[-1], model)}
 
     def export(self, model: Any) -> list:
         from rescompress.export import TARGETS
         from rescompress.export.torch_eager import torch_artifact
 
-        last = self.plan.steps[-4]  # the step whose model is exported
-        done = self.manifest.done(last)
-        artifacts = [torch_artifact(model, self.data.input_spec, name="torch-fp32", precision="fp32",
-                                    from_stage=last, checkpoint=self.run_dir / done["checkpoint"])]
+        sources = self.export_sources(model)
+        artifacts = []
+        for precision, (step, source) in sources.items():
+            done = self.manifest.done(step)
+            artifacts.append(torch_artifact(source, self.data.input_spec, name=f"torch-{precision}", precision=precision,
+                                            from_stage=step, checkpoint=self.run_dir / done["checkpoint"]))
         out_dir = self.run_dir / "artifacts"
         out_dir.mkdir(exist_ok=True)
         for entry in self.recipe.export:
             target = TARGETS.get(entry.target)
-            self.console.print(f"exporting {entry.name} ...")
+            family = "int8" if entry.config.precision == "int8" else "fp32"
+            step, source = sources[family]
+            self.console.print(f"exporting {entry.name} from {step} ...")
             t0 = time.time()
             path = out_dir / f"{entry.name}.{entry.target}"
             try:
-                art = target.export(model, self._example(2), entry.config, path, spec=self.data.input_spec,
-                                    from_stage=last)
+                art = target.export(source, self._example(2), entry.config, path, spec=self.data.input_spec,
+                                    from_stage=step)
             except RescompressError:
                 raise
             except Exception as exc:  # the exporter broke on this model: keep the run, record why
-                art = self._failed_export(entry, path, last, exc)
+                art = self._failed_export(entry, path, step, exc)
+            art.reference = f"torch-{family}"
             self.console.print(f"[green]✓[/green] {entry.name}: {art.status}, {art.size_bytes or 0:,} bytes ({time.time() - t0:.1f}s)")
             artifacts.append(art)
         return artifacts
@@ -254,15 +286,17 @@ class Runner:
         spec = self.data.input_spec
         x_test = spec.normalize_numpy(self.data.test.images.numpy())
         y_test = self.data.test.labels.numpy()
-        reference = artifacts[0]
+        by_name = {a.name: a for a in artifacts}
         art_rows = []
         for art in artifacts:
             row = art.to_report()
             row["path"] = str(art.path.relative_to(self.run_dir)) if art.path else None
             if art.status == "ok":
                 row["top1"] = top1(art, x_test, y_test)
-                if art is not reference:
+                reference = by_name.get(art.reference)
+                if reference is not None:
                     row["parity"] = {**parity(art, reference, x_test), "reference": reference.name}
+                    reference.release()
                 art.release()
             art_rows.append(row)
             acc = f"top-1 {row['top1'] * 100:.2f}%" if row.get("top1") is not None else art.status
@@ -280,7 +314,10 @@ class Runner:
                     res = {"artifact": art.name, "runtime": art.runtime.split()[0], "top1": row.get("top1"),
                            "delta_top1_pt": None if row.get("top1") is None else round((row["top1"] - baseline_top1) * 100, 3),
                            "size_bytes": row["size_bytes"], "latency": None, "status": art.status, "message": art.message}
-                    if art.status == "ok":
+                    if art.status == "ok" and device.latency_source == "none":
+                        res["message"] = (f"latency not measured: {device.name} has no connection or estimate "
+                                          f"configured (top-1 is from {res['runtime']} on this host)")
+                    elif art.status == "ok":
                         task = progress.add_task(f"{device.name}: {art.name}", total=lat.runs, info="")
                         fn = art.runner(threads)
                         stats = measure_latency(fn, x_lat, warmup=lat.warmup, runs=lat.runs, threads=threads,

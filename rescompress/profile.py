@@ -13,16 +13,19 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """MACs of one forward pass on `example` (batch 1), counted by torch-pruning's op counter."""
-    import torch_pruning as tp
+    """Multiply-accumulates of convolutions and matrix products in one forward pass on `example[:1]`,
+    counted by torch's dispatcher-level FLOP counter (so float, pruned and PT2E int8 graphs count alike)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
+    counter = FlopCounterMode(display=False)
     try:
-        macs, _ = tp.utils.count_ops_and_params(model, example[:1])
+        with counter, torch.no_grad():
+            model(example[:1])
     finally:
         model.train(was_training)
-    return int(macs)
+    return int(counter.get_total_flops() // 2)
 
 
 def state_dict_bytes(model: nn.Module) -> int:

@@ -78,26 +78,47 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def checkpoint_suffix(model: Any) -> str:
+    """`.pt` for float models (a state_dict), `.pt2` for int8 models (a torch.export archive)."""
+    from rescompress.compress.pt2e import is_quantized
+
+    return ".pt2" if is_quantized(model) else ".pt"
+
+
 def save_checkpoint(path: Path, model: Any, arch: dict, input_spec: dict, stage: str, metrics: dict) -> str:
-    """A checkpoint that reloads with weights_only=True: tensors plus plain data (architecture, input spec)."""
+    """A checkpoint that reloads without pickled code: a state_dict plus plain data (architecture, input
+    spec) for float models, pruned ones included (the tensor shapes are the channel layout); a torch.export
+    archive for int8 models."""
     import torch
 
-    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "input_spec": input_spec, "stage": stage,
-               "metrics": metrics, "state_dict": model.state_dict()}
-    atomic_write(path, lambda p: torch.save(payload, p))
+    meta = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "input_spec": input_spec, "stage": stage,
+            "metrics": metrics}
+    if path.suffix == ".pt2":
+        from rescompress.compress.pt2e import save_quantized
+
+        example = torch.zeros(2, input_spec["channels"], input_spec["height"], input_spec["width"])
+        save_quantized(path, model, example, meta)
+    else:
+        atomic_write(path, lambda p: torch.save({**meta, "state_dict": model.state_dict()}, p))
     return sha256(path)
 
 
-def load_checkpoint(path: Path, expected_sha: str, arch: dict) -> Any:
+def load_checkpoint(path: Path, expected_sha: Optional[str], arch: dict) -> Any:
+    """A model from `save_checkpoint`'s file, hash-checked when `expected_sha` is given."""
     import torch
 
-    from rescompress.models import build_model
+    from rescompress.models import build_model, conform_to_state_dict
 
     if not path.is_file():
         raise ResumeError(f"checkpoint {path} is missing; the run cannot continue past it")
-    if sha256(path) != expected_sha:
+    if expected_sha is not None and sha256(path) != expected_sha:
         raise ResumeError(f"checkpoint {path} does not match the hash in {MANIFEST}: it was changed or damaged")
+    if path.suffix == ".pt2":
+        from rescompress.compress.pt2e import load_quantized
+
+        return load_quantized(path)[0]
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(**arch)
+    conform_to_state_dict(model, payload["state_dict"])  # a pruned model's layer widths come from its tensors
     model.load_state_dict(payload["state_dict"])
     return model.eval()

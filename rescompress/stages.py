@@ -13,6 +13,7 @@ from rescompress.errors import PlanError
 from rescompress.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
     import torch.nn as nn
     from rich.console import Console
 
@@ -30,8 +31,12 @@ class StageContext:
     console: "Console"
     seed: int
     index: int
+    arch: dict = field(default_factory=dict)  # build_model arguments of the run's model
+    example: Optional["torch.Tensor"] = None  # a batch of 2 zeros in the input spec's shape (for graph capture)
+    devices: list = field(default_factory=list)  # the recipe's DeviceProfiles, in order
     teacher: Optional["nn.Module"] = None  # the model as it was before this stage
     notes: list[str] = field(default_factory=list)  # shown beside the stage in the report
+    record: dict = field(default_factory=dict)  # extra report fields: precision, scheme, calibration
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class StageSpec:
     quantizes: bool = False  # leaves an int8 model; only stages with accepts_quantized may follow
     accepts_quantized: bool = False
     exclusive_with: tuple[str, ...] = ()
+    check: Optional[Callable[[Any], None]] = None  # plan-time check of the config (e.g. an optional backend)
 
 
 STAGES: Registry[StageSpec] = Registry("stage")
@@ -59,9 +65,14 @@ def register_stage(name: str, config: type[BaseModel], summary: str, **rules: An
     return deco
 
 
-def check_order(kinds: list[str]) -> None:
-    """Raise PlanError naming the offending stages when the order is impossible."""
+def check_order(kinds: list[str], configs: Optional[list[Any]] = None) -> None:
+    """Raise PlanError naming the offending stages when the order is impossible (and run each stage's own
+    plan-time check on its config when `configs` are given)."""
     specs = [STAGES.get(k) for k in kinds]
+    if configs is not None:
+        for spec, cfg in zip(specs, configs):
+            if spec.check is not None:
+                spec.check(cfg)
     for i, spec in enumerate(specs):
         for j, other in enumerate(specs[:i]):
             if spec.name in other.exclusive_with or other.name in spec.exclusive_with:
@@ -99,3 +110,8 @@ def finetune(model: "nn.Module", cfg: FinetuneConfig, ctx: StageContext) -> "nn.
         desc=f"finetune (stage {ctx.index})",
     )
     return model
+
+
+from rescompress.compress import distill as _distill  # noqa: E402,F401  (each registers its stage)
+from rescompress.compress import prune as _prune  # noqa: E402,F401
+from rescompress.compress import quantize as _quantize  # noqa: E402,F401

@@ -88,9 +88,13 @@ def fit(
     console: Optional[Console] = None,
     state_path: Optional[Path] = None,
     loss_fn: Optional[LossFn] = None,
+    epoch_hook: Optional[Callable[[nn.Module, int], None]] = None,
     desc: str = "train",
 ) -> list[dict]:
-    """Train `model` in place; returns one dict per epoch (loss, train/val top-1, seconds)."""
+    """Train `model` in place; returns one dict per epoch (loss, train/val top-1, seconds).
+
+    `epoch_hook(model, epoch)` runs after the model is put in training mode at the start of each epoch
+    (QAT uses it to freeze BatchNorm statistics and observers for the last epochs)."""
     epochs = cfg.epochs if epochs is None else epochs
     base_lr = cfg.lr if lr is None else lr
     console = console or Console(stderr=True)
@@ -111,6 +115,8 @@ def fit(
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             set_train_mode(model)
+            if epoch_hook is not None:
+                epoch_hook(model, epoch)
             task = progress.add_task(f"{desc} {epoch + 1}/{epochs}", total=steps_per_epoch, info="")
             seen = correct = 0
             loss_sum = 0.0

@@ -26,3 +26,49 @@ def write_recipe(path: Path, data) -> Path:
 def tiny_recipe(tmp_path: Path) -> Path:
     """A recipe that trains the tiny ResNet on part of digits for two epochs (seconds on 2 cores)."""
     return write_recipe(tmp_path / "tiny.yaml", TINY_RECIPE)
+
+
+@pytest.fixture(scope="session")
+def digits_small():
+    """Digits with 300 training images (the default 8x8 input): enough to train the tiny ResNet in seconds."""
+    from rescompress.data import load_dataset
+
+    return load_dataset("digits", limit_train=300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(digits_small):
+    """The tiny ResNet trained for 4 epochs on `digits_small`; copy it before changing it."""
+    import torch
+    from rich.console import Console
+
+    from rescompress.models import build_model
+    from rescompress.recipe import TrainConfig
+    from rescompress.train import fit
+
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", num_classes=10, in_channels=1, small_input=True)
+    fit(model, digits_small, TrainConfig(epochs=4, batch_size=32, lr=0.05), seed=0, console=Console(quiet=True))
+    return model.eval()
+
+
+def make_ctx(data, work_dir: Path, teacher=None, *, index: int = 0, recipe: dict | None = None, devices=()):
+    """A StageContext over `data` for calling a stage function directly."""
+    import copy
+
+    import torch
+    from rich.console import Console
+
+    from rescompress.devices import load_device
+    from rescompress.recipe import parse_recipe
+    from rescompress.stages import StageContext
+
+    spec = data.input_spec
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        recipe=parse_recipe(copy.deepcopy(recipe or TINY_RECIPE), "test"), data=data, work_dir=work_dir,
+        console=Console(quiet=True), seed=0, index=index,
+        arch={"name": "resnet_tiny", "num_classes": 10, "in_channels": spec.channels, "small_input": True},
+        example=torch.zeros(2, spec.channels, spec.height, spec.width),
+        devices=[load_device(d) for d in devices],
+        teacher=copy.deepcopy(teacher).eval() if teacher is not None else None)

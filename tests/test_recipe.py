@@ -7,7 +7,7 @@ import yaml
 
 from rescompress.errors import PlanError, RecipeError
 from rescompress.recipe import load_recipe, parse_recipe, save_resolved
-from rescompress.stages import StageSpec, STAGES, check_order
+from rescompress.stages import check_order
 from tests.conftest import TINY_RECIPE, write_recipe
 
 
@@ -91,40 +91,27 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-@pytest.fixture
-def order_stages():
-    """Registers stand-in stages with the ordering traits of pruning and int8 quantization."""
-    from pydantic import BaseModel
-
-    class Empty(BaseModel):
-        pass
-
-    added = {
-        "t_prune": StageSpec("t_prune", Empty, lambda m, c, x: m, "", structural=True),
-        "t_qat": StageSpec("t_qat", Empty, lambda m, c, x: m, "", quantizes=True, exclusive_with=("t_ptq",)),
-        "t_ptq": StageSpec("t_ptq", Empty, lambda m, c, x: m, "", quantizes=True),
-    }
-    STAGES._items.update(added)
-    yield
-    for name in added:
-        STAGES._items.pop(name)
-
-
 @pytest.mark.parametrize(
     "kinds, match",
     [
-        (["t_qat", "t_prune"], r"stages\[1\] t_prune cannot follow stages\[0\] t_qat: nothing structural after int8"),
-        (["t_ptq", "finetune"], r"stages\[1\] finetune cannot follow stages\[0\] t_ptq: no finetune after int8"),
-        (["t_prune", "t_qat", "t_ptq"], r"stages\[1\] t_qat and stages\[2\] t_ptq are exclusive"),
+        (["qat", "prune"], r"stages\[1\] prune cannot follow stages\[0\] qat: nothing structural after int8 "
+                           r"quantization; move prune before qat"),
+        (["ptq", "finetune"], r"stages\[1\] finetune cannot follow stages\[0\] ptq: no finetune after int8"),
+        (["ptq", "distill"], r"stages\[1\] distill cannot follow stages\[0\] ptq: no distill after int8"),
+        (["prune", "qat", "ptq"], r"stages\[1\] qat and stages\[2\] ptq are exclusive: keep one of them"),
+        (["ptq", "qat"], r"stages\[0\] ptq and stages\[1\] qat are exclusive"),
+        (["qat", "qat"], r"stages\[1\] qat cannot follow stages\[0\] qat"),
     ],
 )
-def test_impossible_stage_orders(order_stages, kinds, match):
+def test_impossible_stage_orders(kinds, match):
     with pytest.raises(PlanError, match=match):
         check_order(kinds)
 
 
-def test_legal_stage_order(order_stages):
-    check_order(["t_prune", "finetune", "t_qat"])
+@pytest.mark.parametrize("kinds", [["prune", "distill", "qat"], ["prune", "ptq"], ["distill", "prune", "finetune", "ptq"],
+                                   ["prune", "prune", "distill"]])
+def test_legal_stage_orders(kinds):
+    check_order(kinds)
 
 
 def test_file_stem_is_made_safe_for_a_directory_name(tmp_path):

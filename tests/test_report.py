@@ -145,7 +145,7 @@ def test_write_report_writes_every_file(written: tuple[dict[str, Path], Path]) -
     for name in ("report.json", "report.md", "report.html", "plots/accuracy_vs_latency.png",
                  "plots/accuracy_vs_latency_host-cpu.png", "plots/accuracy_vs_latency_jetson-orin-nano.png"):
         assert (run_dir / name).is_file(), name
-    assert not list(run_dir.rglob("*.tmp"))
+    assert not list(run_dir.rglob(".*.tmp*"))
 
 
 def test_report_json_round_trips(written: tuple[dict[str, Path], Path]) -> None:

@@ -31,6 +31,7 @@ class Artifact:
     status: str = "ok"
     message: str = ""
     from_stage: str = ""
+    reference: str = ""  # the artifact it is compared with (the torch model it was exported from)
     load_runner: Optional[Callable[[Path, Optional[int]], Callable[[np.ndarray], np.ndarray]]] = None
     lint: list[dict] = field(default_factory=list)
     _runner: Any = field(default=None, repr=False)

@@ -18,7 +18,8 @@ from rescompress.export.artifact import Artifact
 
 class OnnxConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    precision: Literal["fp32"] = "fp32"
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="int8 exports the qat/ptq model as a QDQ graph in the layout of its scheme")
     opset: int = Field(18, ge=18, le=23)
     dynamic_batch: bool = True
 
@@ -77,5 +78,5 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
                     load_runner=ort_runner)
 
 
-TARGETS.add("onnx", TargetSpec(name="onnx", config=OnnxConfig, export=export_onnx, precisions=("fp32",),
+TARGETS.add("onnx", TargetSpec(name="onnx", config=OnnxConfig, export=export_onnx, precisions=("fp32", "int8"),
                                runtime="onnxruntime", summary="ONNX (opset >= 18) run in onnxruntime"))

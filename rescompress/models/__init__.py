@@ -1,5 +1,6 @@
 """ResNet family (torchvision-compatible keys, one ReLU per use), weight loading and freezing."""
 
+from rescompress.models.layout import channel_layout, conform_to_state_dict
 from rescompress.models.resnet import CLASSIFIER, MODELS, BasicBlock, Bottleneck, ResNet, build_model
 from rescompress.models.weights import (
     FREEZE_MODES,
@@ -21,6 +22,8 @@ __all__ = [
     "ResNet",
     "apply_freeze",
     "build_model",
+    "channel_layout",
+    "conform_to_state_dict",
     "guess_architecture",
     "load_weights",
     "read_state_dict",

@@ -1,0 +1,168 @@
+"""torchao PT2E plumbing shared by QAT and PTQ: capture, prepare, convert, train/eval modes, save and load.
+
+The captured graph uses `torch.export.export(..., strict=True)` with a dynamic batch dimension and an
+example batch of 2: non-strict capture leaves residual Adds and the pooling in float, and a batch of 1 would
+be specialised into the graph. A converted model is a `GraphModule` of quantize/dequantize ops around the
+float convolutions (the QDQ form every runtime's importer understands).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import types
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule
+
+from rescompress.fileio import atomic_write
+
+QUANT_OPS = ("quantized_decomposed.quantize_per_tensor", "quantized_decomposed.dequantize_per_channel")
+_EXTRA = "rescompress.json"
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a converted PT2E model (int8 weights and Q/DQ pairs in its graph)."""
+    if not isinstance(model, GraphModule):
+        return False
+    return any(str(n.target).startswith(QUANT_OPS) for n in model.graph.nodes if n.op == "call_function")
+
+
+def _dynamic(example: torch.Tensor) -> tuple:
+    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+
+def _example(example: torch.Tensor) -> torch.Tensor:
+    return example if example.shape[0] >= 2 else example.repeat(2, *([1] * (example.dim() - 1)))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torchao and torch.export log optional-kernel and deprecation chatter at import and capture."""
+    names = ("torchao", "torch._dynamo", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def capture(model: nn.Module, example: torch.Tensor, *, train: bool) -> GraphModule:
+    """The model as an aten graph (strict export, dynamic batch), in train or eval form."""
+    model.train(train)
+    with _quiet():
+        ep = torch.export.export(model, (_example(example),), dynamic_shapes=_dynamic(example), strict=True)
+    return ep.module()
+
+
+def bind_modes(model: GraphModule, *, observers: bool = True) -> GraphModule:
+    """Give a captured graph working `.train()` / `.eval()`: BatchNorm switches between batch and running
+    statistics, and observers only watch data in training mode (evaluation never moves a scale).
+
+    `model.rescompress_freeze_bn` / `model.rescompress_freeze_observers` keep BatchNorm statistics or
+    observers fixed from then on, even in training mode (the late phase of QAT)."""
+    from torchao.quantization.pt2e import (
+        disable_observer,
+        enable_observer,
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
+
+    model.rescompress_freeze_bn = False
+    model.rescompress_freeze_observers = not observers
+
+    def _train(self: GraphModule, mode: bool = True) -> GraphModule:
+        with _quiet():
+            if mode and not self.rescompress_freeze_bn:
+                move_exported_model_to_train(self)
+            else:
+                move_exported_model_to_eval(self)
+        self.apply(enable_observer if mode and not self.rescompress_freeze_observers else disable_observer)
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    model.train = types.MethodType(_train, model)  # type: ignore[method-assign]
+    model.eval = types.MethodType(lambda self: self.train(False), model)  # type: ignore[method-assign]
+    return model
+
+
+def prepare(model: nn.Module, example: torch.Tensor, quantizer, *, qat: bool) -> GraphModule:
+    """Capture `model` and insert observers (PTQ) or fake-quantize modules (QAT)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+    graph = capture(model, example, train=qat)
+    with _quiet():
+        prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer)
+    return bind_modes(prepared)
+
+
+@contextlib.contextmanager
+def _conv2d_bn_folding_only():
+    """convert_pt2e folds QAT conv-bn pairs by tracing replacement patterns for conv1d, conv2d and both
+    transposed convolutions; a ResNet holds only conv2d, and each skipped pattern family saves seconds."""
+    from torchao.quantization.pt2e import qat_utils
+
+    original = qat_utils._fold_conv_bn_qat_helper
+
+    def conv2d_only(m, conv_fn, example_inputs, is_cuda):
+        return original(m, conv_fn, example_inputs, is_cuda) if conv_fn is F.conv2d else m
+
+    qat_utils._fold_conv_bn_qat_helper = conv2d_only
+    try:
+        yield
+    finally:
+        qat_utils._fold_conv_bn_qat_helper = original
+
+
+def convert(prepared: GraphModule) -> GraphModule:
+    """Observers/fake-quantizers -> quantize/dequantize ops with int8 weights; BatchNorm folded."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    prepared.eval()
+    with _quiet(), _conv2d_bn_folding_only():
+        converted = convert_pt2e(prepared)
+    return bind_modes(converted, observers=False).eval()
+
+
+def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: Optional[Callable[[], None]] = None) -> int:
+    """Run observers over `batches`; returns the number of images seen."""
+    prepared.rescompress_freeze_bn = True  # BatchNorm on its running statistics
+    prepared.train()  # observers watch only in training mode
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            prepared(x)
+            seen += len(x)
+            if progress:
+                progress()
+    prepared.eval()
+    return seen
+
+
+def save_quantized(path: Path, model: GraphModule, example: torch.Tensor, meta: dict) -> None:
+    """A converted model as a torch.export archive (`.pt2`): graph and int8 tensors, no pickled code."""
+    with _quiet():
+        ep = torch.export.export(model, (_example(example),), dynamic_shapes=_dynamic(example), strict=False)
+    atomic_write(path, lambda p: torch.export.save(ep, p, extra_files={_EXTRA: json.dumps(meta)}))
+
+
+def load_quantized(path: Path) -> tuple[GraphModule, dict]:
+    import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+
+    extra = {_EXTRA: ""}
+    with _quiet():
+        ep = torch.export.load(str(path), extra_files=extra)
+    model = bind_modes(ep.module(), observers=False).eval()
+    return model, json.loads(extra[_EXTRA] or "{}")
