@@ -23,6 +23,23 @@ from torch.fx import GraphModule
 
 from rescompress.fileio import atomic_write
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+# torchao reports at import which optional CUDA kernels it could not load; none are used here
+with _quiet_loggers("torchao", "torch.utils._pytree"), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torchao.quantization.pt2e  # noqa: F401
+
 QUANT_OPS = ("quantized_decomposed.quantize_per_tensor", "quantized_decomposed.dequantize_per_channel")
 _EXTRA = "rescompress.json"
 
@@ -32,6 +49,17 @@ def is_quantized(model: nn.Module) -> bool:
     if not isinstance(model, GraphModule):
         return False
     return any(str(n.target).startswith(QUANT_OPS) for n in model.graph.nodes if n.op == "call_function")
+
+
+def scheme_of(model: GraphModule) -> str:
+    """The int8 scheme a converted model was quantized with, read from its activation quantize ops."""
+    acts = [n for n in model.graph.nodes if n.op == "call_function"
+            and str(n.target).startswith("quantized_decomposed.quantize_per_tensor")]
+    if not acts:
+        raise ValueError("the model has no quantized activations")
+    if any(n.args[-1] == torch.uint8 for n in acts):
+        return "onnxruntime"
+    return "tensorrt" if all(n.args[2] == 0 for n in acts) else "tflite"
 
 
 def _dynamic(example: torch.Tensor) -> tuple:
@@ -45,17 +73,10 @@ def _example(example: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _quiet():
     """torchao and torch.export log optional-kernel and deprecation chatter at import and capture."""
-    names = ("torchao", "torch._dynamo", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
+    with _quiet_loggers("torchao", "torch._dynamo", "torch.export", "torch._export",
+                        "torch.fx.experimental.symbolic_shapes"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def capture(model: nn.Module, example: torch.Tensor, *, train: bool) -> GraphModule:
@@ -133,7 +154,20 @@ def convert(prepared: GraphModule) -> GraphModule:
     prepared.eval()
     with _quiet(), _conv2d_bn_folding_only():
         converted = convert_pt2e(prepared)
+    _drop_unused_tensors(converted)
     return bind_modes(converted, observers=False).eval()
+
+
+def _drop_unused_tensors(gm: GraphModule) -> None:
+    """convert_pt2e folds the int8 weights into new constants but leaves the float parameters they came
+    from on the module; drop every parameter or buffer the graph no longer reads."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [k for k, _ in gm.named_parameters()] + [k for k, _ in gm.named_buffers()]:
+        if name not in used:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            delattr(owner, leaf)
+    gm.delete_all_unused_submodules()
 
 
 def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: Optional[Callable[[], None]] = None) -> int:
@@ -159,8 +193,6 @@ def save_quantized(path: Path, model: GraphModule, example: torch.Tensor, meta: 
 
 
 def load_quantized(path: Path) -> tuple[GraphModule, dict]:
-    import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
-
     extra = {_EXTRA: ""}
     with _quiet():
         ep = torch.export.load(str(path), extra_files=extra)

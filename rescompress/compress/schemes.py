@@ -22,6 +22,8 @@ from typing import Literal, Optional
 
 import torch
 from torch.fx import GraphModule, Node
+
+from rescompress.compress import pt2e as _pt2e  # noqa: F401  (imports torchao without its kernel-loading chatter)
 from torchao.quantization.pt2e import (
     FakeQuantize,
     HistogramObserver,

@@ -245,7 +245,10 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator | Non
     rows = (dy + torch.arange(h)).unsqueeze(2)  # (N, H, 1)
     cols = (dx + torch.arange(w)).unsqueeze(1)  # (N, 1, W)
     batch = torch.arange(n).view(n, 1, 1)
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+    crops = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    # a fresh NCHW buffer: with one channel `.contiguous()` keeps the permuted strides, and torch's CPU
+    # convolution with very few output channels misbehaves on them
+    return crops.clone(memory_format=torch.contiguous_format)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -30,12 +31,15 @@ def ort_version() -> str:
     return onnxruntime.__version__
 
 
-def ort_runner(path: Path, threads: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
+def ort_runner(path: Path, threads: Optional[int], *, optimize: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     """An onnxruntime CPU session as a numpy callable. Spinning is off so that one session's idle
-    threads do not steal cores from the next measurement."""
+    threads do not steal cores from the next measurement. `optimize=False` runs the graph as written
+    (no QDQ fusion: every DequantizeLinear -> float op -> QuantizeLinear computed exactly)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -47,6 +51,17 @@ def ort_runner(path: Path, threads: Optional[int]) -> Callable[[np.ndarray], np.
         return session.run(None, {input_name: x})[0]
 
     return run
+
+
+def _strip_node_metadata(path: Path) -> None:
+    """The exporter records a Python stack trace on every node; for a small int8 model that is most of
+    the file. A deployment artifact keeps the graph, weights and model-level metadata only."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_stage: str) -> Artifact:
@@ -71,11 +86,23 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
                                   external_data=False, verbose=False)
         finally:
             logging.getLogger("torch.onnx").setLevel(level)
+        _strip_node_metadata(tmp)
 
+    runtime, runner = f"onnxruntime {ort_version()}", ort_runner
+    if cfg.precision == "int8":
+        from rescompress.compress.pt2e import is_quantized, scheme_of
+
+        if not is_quantized(model):
+            raise ValueError("an int8 ONNX export needs the int8 model a qat or ptq stage produces")
+        scheme = scheme_of(model)
+        if scheme != "onnxruntime":
+            # onnxruntime's fused int8 kernels only suit its own layout (on x86 without VNNI they saturate
+            # int16 sums); a graph laid out for TensorRT or LiteRT is judged with its Q/DQ computed as written
+            runtime += f" (unfused QDQ reference for the {scheme} layout)"
+            runner = partial(ort_runner, optimize=False)
     atomic_write(out_path, write)
     return Artifact(name=f"onnx-{cfg.precision}", target="onnx", precision=cfg.precision, path=out_path,
-                    input_spec=spec, runtime=f"onnxruntime {ort_version()}", from_stage=from_stage,
-                    load_runner=ort_runner)
+                    input_spec=spec, runtime=runtime, from_stage=from_stage, load_runner=runner)
 
 
 TARGETS.add("onnx", TargetSpec(name="onnx", config=OnnxConfig, export=export_onnx, precisions=("fp32", "int8"),

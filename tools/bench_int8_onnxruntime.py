@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""int8 vs fp32 latency in onnxruntime, per quantization scheme, for one ResNet at one input size.
+
+    .venv/bin/python tools/bench_int8_onnxruntime.py --model resnet18 --size 224 --runs 50
+
+Builds the model (weights as initialised: latency does not depend on their values), exports the fp32 ONNX
+and one int8 QDQ ONNX per scheme (PTQ, calibrated on random tensors, which only sets the ranges), then times
+each in onnxruntime, one session at a time, batch 1. Rounds alternate between the models so that machine
+noise hits all of them alike; the figure to read is the ratio of medians. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from rescompress.bench.latency import measure_latency, provenance
+from rescompress.compress import pt2e
+from rescompress.compress.schemes import SCHEMES, ResNetQuantizer
+from rescompress.data import InputSpec
+from rescompress.export.onnx import OnnxConfig, export_onnx, ort_runner
+from rescompress.models import build_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated int8 schemes to compare")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per model per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path("bench/int8_onnxruntime.json"))
+    args = ap.parse_args(argv)
+    console = Console(stderr=True)
+
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=1000 if args.size >= 96 else 10, in_channels=3,
+                        small_input=args.size < 96).eval()
+    spec = InputSpec(channels=3, height=args.size, width=args.size, mean=(0.0,) * 3, std=(1.0,) * 3)
+    example = torch.zeros(2, 3, args.size, args.size)
+    work = Path(tempfile.mkdtemp(prefix="rescompress-bench-"))
+    paths = {"fp32": export_onnx(model, example, OnnxConfig(), work / "fp32.onnx", spec=spec, from_stage="").path}
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, args.size, args.size, generator=g) for _ in range(4)]
+    for scheme in args.schemes.split(","):
+        console.print(f"quantizing ({scheme}) ...")
+        prepared = pt2e.prepare(model, example, ResNetQuantizer(scheme, qat=False), qat=False)
+        pt2e.calibrate(prepared, calib)
+        quantized = pt2e.convert(prepared)
+        paths[f"int8-{scheme}"] = export_onnx(quantized, example, OnnxConfig(precision="int8"),
+                                              work / f"int8-{scheme}.onnx", spec=spec, from_stage="").path
+
+    x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    for r in range(args.rounds):
+        for name, path in paths.items():
+            fn = ort_runner(path, args.threads)
+            stats = measure_latency(fn, x, warmup=args.warmup, runs=args.runs, threads=args.threads)
+            samples[name].append(stats.p50_ms)
+            console.print(f"round {r + 1}/{args.rounds}  {name:<18} p50 {stats.p50_ms:8.3f} ms  p90 {stats.p90_ms:8.3f} ms")
+            del fn
+
+    fp32 = float(np.median(samples["fp32"]))
+    rows = []
+    for name, path in paths.items():
+        med = float(np.median(samples[name]))
+        rows.append({"model": name, "p50_ms_median_of_rounds": med, "p50_ms_rounds": samples[name],
+                     "p90_ms_of_round_p50s": float(np.percentile(samples[name], 90)),
+                     "speedup_vs_fp32": fp32 / med, "size_bytes": path.stat().st_size})
+    table = Table(title=f"{args.model} {args.size}x{args.size}, onnxruntime, batch 1, {args.threads} threads")
+    for col in ("model", "p50 ms", "speed-up vs fp32", "size MB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in rows:
+        table.add_row(row["model"], f"{row['p50_ms_median_of_rounds']:.3f}", f"{row['speedup_vs_fp32']:.2f}x",
+                      f"{row['size_bytes'] / 1e6:.2f}")
+    Console().print(table)
+    result = {"model": args.model, "size": args.size, "threads": args.threads, "runs": args.runs,
+              "rounds": args.rounds, "results": rows, "provenance": provenance()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
