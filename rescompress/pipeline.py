@@ -152,6 +152,10 @@ class Runner:
                 "precision": "fp32", **(extra or {}), **profile(model, self._example()), "seconds": round(seconds, 2),
                 "checkpoint": str(ckpt), "notes": notes, "history": history or []}
 
+    def _load_step(self, step: str) -> Any:
+        done = self.manifest.done(step)
+        return load_checkpoint(self.run_dir / done["checkpoint"], done["sha256"], self.plan.arch)
+
     def _finish_step(self, step: str, model: Any, record: dict) -> None:
         ckpt = self.run_dir / record["checkpoint"]
         digest = save_checkpoint(ckpt, model, self.plan.arch, self.data.input_spec.to_dict(), step,
@@ -203,7 +207,8 @@ class Runner:
         spec = STAGES.get(entry.kind)
         ctx = StageContext(recipe=self.recipe, data=self.data, work_dir=self.run_dir / "checkpoints" / step,
                            console=self.console, seed=self.recipe.seed, index=index, arch=self.plan.arch,
-                           example=self._example(2), devices=self.plan.devices, teacher=copy.deepcopy(model).eval())
+                           example=self._example(2), devices=self.plan.devices, teacher=copy.deepcopy(model).eval(),
+                           baseline=lambda: self._load_step("baseline"))
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self.console.rule(f"{step}: {spec.summary}")

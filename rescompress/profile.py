@@ -9,7 +9,16 @@ import torch.nn as nn
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Trainable parameters; for a PT2E int8 model, its int8 weight constants plus the float ones left."""
+    total = sum(p.numel() for p in model.parameters())
+    graph = getattr(model, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "call_function" and str(node.target).startswith("quantized_decomposed.dequantize_per_channel"):
+                weight = node.args[0]
+                if getattr(weight, "op", None) == "get_attr":
+                    total += getattr(model, weight.target).numel()
+    return total
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:

@@ -35,6 +35,7 @@ class StageContext:
     example: Optional["torch.Tensor"] = None  # a batch of 2 zeros in the input spec's shape (for graph capture)
     devices: list = field(default_factory=list)  # the recipe's DeviceProfiles, in order
     teacher: Optional["nn.Module"] = None  # the model as it was before this stage
+    baseline: Optional[Callable[[], "nn.Module"]] = None  # loads the run's baseline model (a fresh copy)
     notes: list[str] = field(default_factory=list)  # shown beside the stage in the report
     record: dict = field(default_factory=dict)  # extra report fields: precision, scheme, calibration
 

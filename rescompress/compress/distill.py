@@ -4,8 +4,8 @@ optionally also matching the teacher's stage outputs (layer1, layer2, ...) throu
     loss = (1 - alpha) * CE(student, y) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
            + feature_weight * mean over stages of MSE(adapter(student_stage), teacher_stage)
 
-The teacher is the model before this stage (default), another registered model trained in the run, or a
-weights file.
+The teacher is the run's baseline (default: after pruning, that is the unpruned model), the model before
+this stage, another registered model trained in the run, or a weights file.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class TeacherModel(BaseModel):
 
 class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    teacher: Union[Literal["previous"], TeacherModel] = Field(
-        "previous", description="'previous' (the model before this stage) or {model, weights?, epochs?}")
+    teacher: Union[Literal["baseline", "previous"], TeacherModel] = Field(
+        "baseline", description="'baseline' (the run's baseline model), 'previous' (the model before this stage), "
+                                "or {model, weights?, epochs?}")
     epochs: int = Field(5, ge=0)
     lr: Optional[float] = Field(None, gt=0.0, description="default: a tenth of train.lr")
     temperature: float = Field(4.0, gt=0.0)
@@ -164,6 +165,10 @@ def _teacher(cfg: DistillConfig, ctx: StageContext) -> "nn.Module":
         if ctx.teacher is None:
             raise ValueError("distill: no previous model to learn from")
         return ctx.teacher
+    if cfg.teacher == "baseline":
+        if ctx.baseline is None:
+            raise ValueError("distill: the run's baseline model is not available")
+        return ctx.baseline().eval()
     spec = cfg.teacher
     arch = {**ctx.arch, "name": spec.model}
     torch.manual_seed(ctx.seed + 1000 + ctx.index)
