@@ -6,7 +6,7 @@ EXTRAS ?= dev,inc
 comma  := ,
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test fashion-mnist clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -20,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+fashion-mnist:          # the Debian package the Fashion-MNIST recipes read (needs root or sudo)
+	bash tools/install_fashion_mnist.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

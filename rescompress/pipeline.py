@@ -175,7 +175,7 @@ class Runner:
         step = "baseline"
         if (done := self.manifest.done(step)):
             self.console.print(f"[dim]baseline: done earlier, loading {done['checkpoint']}[/dim]")
-            return load_checkpoint(self.run_dir / done["checkpoint"], done["sha256"], self.plan.arch)
+            return self._load_step(step)
         t0 = time.time()
         torch.manual_seed(self.recipe.seed)
         model = build_model(**self.plan.arch)
@@ -203,7 +203,7 @@ class Runner:
         step = stage_step(index, entry.kind)
         if (done := self.manifest.done(step)):
             self.console.print(f"[dim]{step}: done earlier, loading {done['checkpoint']}[/dim]")
-            return load_checkpoint(self.run_dir / done["checkpoint"], done["sha256"], self.plan.arch)
+            return self._load_step(step)
         spec = STAGES.get(entry.kind)
         ctx = StageContext(recipe=self.recipe, data=self.data, work_dir=self.run_dir / "checkpoints" / step,
                            console=self.console, seed=self.recipe.seed, index=index, arch=self.plan.arch,
@@ -228,9 +228,7 @@ class Runner:
             return {"fp32": (steps[-1], model)}
         first_int8 = next(i for i, s in enumerate(self.recipe.stages) if STAGES.get(s.kind).quantizes)
         float_step = steps[first_int8]  # steps[0] is the baseline, so this is the step before that stage
-        done = self.manifest.done(float_step)
-        float_model = load_checkpoint(self.run_dir / done["checkpoint"], done["sha256"], self.plan.arch)
-        return {"fp32": (float_step, float_model), "int8": (steps[-1], model)}
+        return {"fp32": (float_step, self._load_step(float_step)), "int8": (steps[-1], model)}
 
     def export(self, model: Any) -> list:
         from rescompress.export import TARGETS
@@ -240,8 +238,11 @@ class Runner:
         artifacts = []
         for precision, (step, source) in sources.items():
             done = self.manifest.done(step)
-            artifacts.append(torch_artifact(source, self.data.input_spec, name=f"torch-{precision}", precision=precision,
-                                            from_stage=step, checkpoint=self.run_dir / done["checkpoint"]))
+            art = torch_artifact(source, self.data.input_spec, name=f"torch-{precision}", precision=precision,
+                                 from_stage=step, checkpoint=self.run_dir / done["checkpoint"])
+            if precision == "int8":
+                art.accuracy_only = "PT2E model: torch eager simulates its quantize/dequantize in float"
+            artifacts.append(art)
         out_dir = self.run_dir / "artifacts"
         out_dir.mkdir(exist_ok=True)
         for entry in self.recipe.export:
@@ -319,7 +320,9 @@ class Runner:
                     res = {"artifact": art.name, "runtime": art.runtime.split()[0], "top1": row.get("top1"),
                            "delta_top1_pt": None if row.get("top1") is None else round((row["top1"] - baseline_top1) * 100, 3),
                            "size_bytes": row["size_bytes"], "latency": None, "status": art.status, "message": art.message}
-                    if art.status == "ok" and device.latency_source == "none":
+                    if art.status == "ok" and art.accuracy_only:
+                        res["message"] = f"latency not measured: {art.accuracy_only}"
+                    elif art.status == "ok" and device.latency_source == "none":
                         res["message"] = (f"latency not measured: {device.name} has no connection or estimate "
                                           f"configured (top-1 is from {res['runtime']} on this host)")
                     elif art.status == "ok":

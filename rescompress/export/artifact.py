@@ -32,6 +32,7 @@ class Artifact:
     message: str = ""
     from_stage: str = ""
     reference: str = ""  # the artifact it is compared with (the torch model it was exported from)
+    accuracy_only: str = ""  # why its latency means nothing (a reference, not a deployment path); "" = timed
     load_runner: Optional[Callable[[Path, Optional[int]], Callable[[np.ndarray], np.ndarray]]] = None
     lint: list[dict] = field(default_factory=list)
     _runner: Any = field(default=None, repr=False)
@@ -76,6 +77,7 @@ class Artifact:
             "runtime": self.runtime,
             "input_spec": self.input_spec.to_dict(),
             "lint": self.lint,
+            "accuracy_only": self.accuracy_only or None,
         }
 
 

@@ -88,7 +88,7 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
             logging.getLogger("torch.onnx").setLevel(level)
         _strip_node_metadata(tmp)
 
-    runtime, runner = f"onnxruntime {ort_version()}", ort_runner
+    runtime, runner, accuracy_only = f"onnxruntime {ort_version()}", ort_runner, ""
     if cfg.precision == "int8":
         from rescompress.compress.pt2e import is_quantized, scheme_of
 
@@ -100,9 +100,12 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
             # int16 sums); a graph laid out for TensorRT or LiteRT is judged with its Q/DQ computed as written
             runtime += f" (unfused QDQ reference for the {scheme} layout)"
             runner = partial(ort_runner, optimize=False)
+            accuracy_only = (f"{scheme}-layout int8 run by onnxruntime without fusion: its top-1 is the QDQ "
+                             f"graph's, its speed is not {scheme}'s")
     atomic_write(out_path, write)
     return Artifact(name=f"onnx-{cfg.precision}", target="onnx", precision=cfg.precision, path=out_path,
-                    input_spec=spec, runtime=runtime, from_stage=from_stage, load_runner=runner)
+                    input_spec=spec, runtime=runtime, from_stage=from_stage, load_runner=runner,
+                    accuracy_only=accuracy_only)
 
 
 TARGETS.add("onnx", TargetSpec(name="onnx", config=OnnxConfig, export=export_onnx, precisions=("fp32", "int8"),

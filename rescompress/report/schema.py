@@ -25,6 +25,10 @@ Top level (all required):
   - `params` (number), `macs` (number): per sample; `size_bytes` (number): the checkpoint's size
   - `seconds` (number, optional), `checkpoint` (str, optional): path relative to the run dir
   - `notes` (list of str, optional): anything the stage wants the reader to know
+  - `precision` (str, optional): "fp32" | "int8"; `scheme` (str, optional): the int8 layout (tensorrt |
+    onnxruntime | tflite); `calibration` (str, optional): "train" | "random" for ptq;
+    `autotune` (object, optional): `tolerable_loss`, `baseline_val_top1`, `trials` [{trial, config, val_top1,
+    met}], `chosen` (trial number), `met` (bool: whether any trial met the goal)
 - `artifacts` (list): one object per exported artifact; the torch model itself is listed with target "torch".
   - `name` (str, unique): referenced by device results; `target` (str): "torch" | "onnx" | "tensorrt" | "tflite"
   - `precision` (str): "fp32" | "fp16" | "int8" | ...; `from_stage` (str, optional): the stage it was exported from
@@ -35,6 +39,8 @@ Top level (all required):
   - `top1` (fraction, optional): measured on the artifact's own runtime, test split; null if not measured
   - `parity` (object, optional): `max_abs_diff` (number): largest |logit difference| against
     `reference` (str): the artifact compared with; `top1_agreement` (fraction): share of equal top-1 predictions
+  - `accuracy_only` (str, optional): why the artifact's latency is not measured (a reference such as the
+    PT2E torch model or an unfused QDQ graph, whose speed is not that of any deployment)
   - `lint` (list, optional): deployability findings, each `rule` (str), `node` (str, optional),
     `message` (str), `fix` (str, optional), `severity` ("error" | "warning")
 - `devices` (list): one object per target device.
@@ -168,7 +174,7 @@ def _check_artifact(c: _Checker, path: str, a: Mapping[str, Any]) -> None:
     for key in ("name", "target", "precision"):
         c.field(a, key, "str", path)
     c.field(a, "status", "str", path, choices=STATUSES)
-    for key in ("from_stage", "path", "message", "runtime"):
+    for key in ("from_stage", "path", "message", "runtime", "accuracy_only"):
         c.field(a, key, "str", path, required=False)
     c.field(a, "size_bytes", "number", path, required=False)
     c.field(a, "top1", "fraction", path, required=False)
