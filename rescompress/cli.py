@@ -91,11 +91,16 @@ def _summary(report: dict, run_dir: Path, console: Console) -> None:
             lat = r.get("latency") or {}
             table.add_row(r["artifact"], _fmt(r.get("top1"), 100, ".2f"), _fmt(r.get("delta_top1_pt"), 1, "+.2f"),
                           _fmt(lat.get("p50_ms"), 1, ".3f"), _fmt(lat.get("p90_ms"), 1, ".3f"),
-                          f"{(r.get('size_bytes') or 0) / 1e6:.2f} MB", lat.get("source", r.get("status", "")))
+                          f"{(r.get('size_bytes') or 0) / 1e6:.2f} MB", lat.get("source") or _untimed(r))
         console.print(table)
         if device.get("recommendation"):
             console.print(f"ship [bold]{device['recommendation']['artifact']}[/bold]: {device['recommendation']['reason']}")
     console.print(f"report: {run_dir / 'report.md'}  {run_dir / 'report.html'}")
+
+
+def _untimed(result: dict) -> str:
+    """What stands in the latency-source column when there is no latency (the reason is in the report)."""
+    return "not timed" if result.get("status") == "ok" else result.get("status", "")
 
 
 def _fmt(value: Optional[float], scale: float, spec: str) -> str:

@@ -54,6 +54,11 @@ class Plan:
         lines.append(f"  baseline          {base}, freeze {r.model.freeze}")
         for i, s in enumerate(r.stages):
             lines.append(f"  {stage_step(i, s.kind):<17} {json.dumps(s.config.model_dump(mode='json'))}")
+            if STAGES.get(s.kind).quantizes and getattr(s.config, "scheme", "") is None:
+                from rescompress.compress.quantize import default_scheme
+
+                scheme, why = default_scheme(self.devices)
+                lines.append(f"  {'':<17} int8 scheme: {scheme} ({why})")
         lines.append(f"  export            {', '.join(e.name for e in r.export)}  (+ the torch model as reference)")
         lines.append(f"  measure           on {', '.join(dev.name for dev in self.devices)}: top-1 in each runtime, "
                      f"latency batch {r.report.latency.batch}, {r.report.latency.warmup} warm-up, {r.report.latency.runs} runs")

@@ -4,8 +4,9 @@
     .venv/bin/python tools/bench_int8_onnxruntime.py --model resnet18 --size 224 --runs 50
 
 Builds the model (weights as initialised: latency does not depend on their values), exports the fp32 ONNX
-and one int8 QDQ ONNX per scheme (PTQ, calibrated on random tensors, which only sets the ranges), then times
-each in onnxruntime, one session at a time, batch 1. Rounds alternate between the models so that machine
+and one int8 QDQ ONNX per scheme (PTQ, calibrated on random tensors, which only sets the ranges), plus
+onnxruntime's own `quantize_static` of the fp32 ONNX (QDQ, U8S8, per-channel) as the runtime's reference
+int8 path, then times each in onnxruntime, one session at a time, batch 1. Rounds alternate between the models so that machine
 noise hits all of them alike; the figure to read is the ratio of medians. Prints a table and writes JSON.
 """
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         paths[f"int8-{scheme}"] = export_onnx(quantized, example, OnnxConfig(precision="int8"),
                                               work / f"int8-{scheme}.onnx", spec=spec, from_stage="").path
 
+    paths["int8-ort-quantize_static"] = _ort_quantize_static(paths["fp32"], work / "int8-ort.onnx", calib)
     x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
     samples: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(args.rounds):
@@ -90,6 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     console.print(f"wrote {args.out}")
     return 0
+
+
+def _ort_quantize_static(fp32: Path, out: Path, calib: list) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": b[:1].numpy()} for b in calib])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
 
 
 if __name__ == "__main__":

@@ -80,13 +80,16 @@ def _check_ptq(cfg: PTQConfig) -> None:
                                   "pip install 'rescompress[inc]' (or drop ptq.autotune)")
 
 
-def resolve_scheme(scheme: Optional[str], ctx: StageContext) -> str:
-    if scheme:
-        return scheme
-    for device in ctx.devices:
+def default_scheme(devices: list) -> tuple[str, str]:
+    """(scheme, why): the first device's int8 scheme, else onnxruntime's."""
+    for device in devices:
         if getattr(device, "int8_scheme", None):
-            return device.int8_scheme
-    return DEFAULT_SCHEME
+            return device.int8_scheme, f"device {device.name}"
+    return DEFAULT_SCHEME, "no device names a scheme"
+
+
+def resolve_scheme(scheme: Optional[str], ctx: StageContext) -> str:
+    return scheme or default_scheme(ctx.devices)[0]
 
 
 def _describe_scheme(name: str) -> str:
