@@ -85,8 +85,8 @@ def autotune(model: Any, cfg: Any, ctx: Any, scheme: str) -> Any:
     goal = baseline * (1 - tune.tolerable_loss)
     ctx.console.print(f"autotune: float {which} top-1 {baseline * 100:.2f}%, goal ≥ {goal * 100:.2f}% "
                       f"(tolerable loss {tune.tolerable_loss:.1%}), up to {tune.max_trials} trials")
-    best: tuple[float, int, Any, Candidate] | None = None
-    trials = []
+    trials: list[dict] = []
+    best: Optional[tuple[float, int, Any, Candidate]] = None
     for i, cand in enumerate(loader, 1):
         quantized = quantize_ptq(model, ctx, cfg, scheme, observer=cand.observer, keep_float=tuple(cand.keep_float))
         acc = score(quantized)
@@ -94,14 +94,12 @@ def autotune(model: Any, cfg: Any, ctx: Any, scheme: str) -> Any:
         trials.append({"trial": i, "config": cand.describe(), "val_top1": acc, "met": acc >= goal})
         ctx.console.print(f"  trial {i}: {cand.describe():<40} {which} top-1 {acc * 100:.2f}%"
                           f"  {'meets the goal' if acc >= goal else 'below the goal'}")
-        if best is None or acc > best[0]:
-            best = (acc, i, quantized, cand)
-        if acc >= goal:
-            best = (acc, i, quantized, cand)
+        if best is None or acc > best[0] or acc >= goal:
+            best = (acc, i, quantized, cand)  # the first to meet the goal is the fastest that does
+        if acc >= goal or monitor.need_stop():
             break
-        if monitor.need_stop():
-            break
-    assert best is not None  # the candidate list is never empty
+    if best is None:
+        raise RuntimeError("autotune: neural-compressor's tuner produced no candidate to try")
     acc, i, quantized, cand = best
     met = acc >= goal
     ctx.record.update(autotune={"tolerable_loss": tune.tolerable_loss, "baseline_val_top1": baseline,
