@@ -88,11 +88,29 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
     if arch["in_channels"] != data.input_spec.channels:
         raise WeightsError(f"model.in_channels is {arch['in_channels']} but the data has {data.input_spec.channels} "
                            f"channels; set data.channels: {arch['in_channels']} or drop model.in_channels")
+    _check_prune_target(recipe, arch, data.input_spec)
     note = ""
     if recipe.model.weights:
         report = load_weights(build_model(**arch), recipe.model.weights, model_name=arch["name"])
         note = report.note or f"{report.loaded} tensors fit"
     return Plan(recipe=recipe, data=data, arch=arch, devices=devices, weights_note=note, source=source)
+
+
+def _check_prune_target(recipe: Recipe, arch: dict, spec: Any) -> None:
+    """The first prune stage's target must be reachable on this architecture (later ones depend on it)."""
+    first = next((i for i, s in enumerate(recipe.stages) if s.kind == "prune"), None)
+    if first is None:
+        return
+    import torch
+
+    from rescompress.compress.prune import check_target
+    from rescompress.models import build_model
+
+    try:
+        check_target(recipe.stages[first].config, build_model(**arch),
+                     torch.zeros(1, spec.channels, spec.height, spec.width))
+    except PlanError as exc:
+        raise PlanError(f"stages[{first}].prune: {exc}") from None
 
 
 def check_exports(recipe: Recipe) -> None:

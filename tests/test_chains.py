@@ -86,3 +86,13 @@ def test_int8_export_needs_a_quantizing_stage():
     recipe = parse_recipe({**_recipe([{"finetune": {"epochs": 1}}])}, "r.yaml")
     with pytest.raises(PlanError, match=r"export\[1\] onnx-int8 needs an int8 model, but no stage quantizes: add one of"):
         make_plan(recipe)
+
+
+@pytest.mark.parametrize("prune, match", [
+    ({"macs_reduction": 20.0, "round_to": 8}, r"stages\[0\]\.prune: macs_reduction 20 cannot be reached with round_to 8"),
+    ({"channel_ratio": 0.05, "round_to": 32}, r"stages\[0\]\.prune: channel_ratio 0.05 with round_to 32 removes no channel"),
+])
+def test_unreachable_prune_target_fails_at_plan_time(prune, match):
+    recipe = parse_recipe(_recipe([{"prune": prune}, {"ptq": {}}]), "r.yaml")
+    with pytest.raises(PlanError, match=match):
+        make_plan(recipe)

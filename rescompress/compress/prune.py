@@ -237,10 +237,11 @@ def _smallest_ratio(macs_at: Callable[[float], int], target: float, low: float) 
 def _check_reachable(macs0: int, macs_min: int, reduction: float, round_to: int) -> None:
     best = macs0 / macs_min
     if best < reduction:
+        most = math.floor(best * 100) / 100
         raise PlanError(
             f"macs_reduction {reduction:g} cannot be reached with round_to {round_to}: the most this model can be "
-            f"pruned gives {best:.2f}x ({macs0:,} -> {macs_min:,} MACs); use a smaller round_to or a macs_reduction "
-            f"of at most {math.floor(best * 100) / 100:g}"
+            f"pruned gives {most:.2f}x ({macs0:,} -> {macs_min:,} MACs); use a smaller round_to or a macs_reduction "
+            f"of at most {most:.2f}"
         )
 
 
@@ -344,6 +345,22 @@ def prune_model(
         "channels_before": original,
         "channels_after": channel_layout(model),
     }
+
+
+def check_target(cfg: PruneConfig, model: "nn.Module", example: "torch.Tensor") -> None:
+    """Plan-time check that `cfg`'s target is reachable on `model` (the architecture as built, before any
+    training): the most a model can lose, every group down to `round_to` channels, does not depend on its
+    weights. Raises the same PlanError the stage would, before hours of baseline training."""
+    from rescompress.models.layout import channel_layout
+    from rescompress.profile import count_macs
+
+    model = copy.deepcopy(model).eval()
+    step = _Step(model, example, make_importance("l2"), channel_layout(model), scope=cfg.scope, round_to=cfg.round_to)
+    if cfg.macs_reduction is not None:
+        _check_reachable(count_macs(model, example), step.macs(1.0), cfg.macs_reduction, cfg.round_to)
+    elif step.removes_nothing(cfg.channel_ratio) and cfg.scope == "uniform":
+        raise PlanError(f"channel_ratio {cfg.channel_ratio:g} with round_to {cfg.round_to} removes no channel: every "
+                        f"layer would round back to its width; use a larger channel_ratio or a smaller round_to")
 
 
 # ----------------------------------------------------------------------------------------------- reporting
