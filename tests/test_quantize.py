@@ -168,3 +168,26 @@ def test_autotune_without_the_extra_names_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "neural_compressor" else object())
     with pytest.raises(BackendMissingError, match=r"pip install 'rescompress\[inc\]'"):
         _check_ptq(PTQConfig(autotune={}))
+
+
+def test_int8_checkpoint_with_pickled_payload_is_refused(trained_tiny, digits_small, tmp_path):
+    import zipfile
+
+    from rescompress.compress.pt2e import load_quantized, save_quantized
+    from rescompress.errors import WeightsError
+
+    q = _ptq(copy.deepcopy(trained_tiny), digits_small, "tensorrt", tmp_path)
+    good = tmp_path / "q.pt2"
+    save_quantized(good, q, torch.zeros(2, 1, 8, 8), {})
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("_weights_config.json"):
+                data = data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+            dst.writestr(item, data)
+    with pytest.raises(WeightsError, match="holds pickled tensors, which are not loaded for safety"):
+        load_quantized(bad)
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(WeightsError, match="is not a torch.export archive"):
+        load_quantized(tmp_path / "junk.pt2")

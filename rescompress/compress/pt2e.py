@@ -13,6 +13,7 @@ import json
 import logging
 import types
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -192,7 +193,25 @@ def save_quantized(path: Path, model: GraphModule, example: torch.Tensor, meta: 
     atomic_write(path, lambda p: torch.export.save(ep, p, extra_files={_EXTRA: json.dumps(meta)}))
 
 
+def _refuse_pickled_payloads(path: Path) -> None:
+    """torch.export.load unpickles (weights_only=False) any payload the archive marks `use_pickle`; ours
+    never has one, so an archive that does is refused before loading."""
+    from rescompress.errors import WeightsError
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    if any(meta.get("use_pickle") for meta in config.values()):
+                        raise WeightsError(f"{path} holds pickled tensors, which are not loaded for safety; "
+                                           f"an int8 checkpoint written by rescompress has none")
+    except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as exc:
+        raise WeightsError(f"{path} is not a torch.export archive ({type(exc).__name__})") from None
+
+
 def load_quantized(path: Path) -> tuple[GraphModule, dict]:
+    _refuse_pickled_payloads(path)
     extra = {_EXTRA: ""}
     with _quiet():
         ep = torch.export.load(str(path), extra_files=extra)
