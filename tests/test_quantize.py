@@ -6,13 +6,11 @@ import copy
 import importlib.util
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
 from rescompress.compress import pt2e
 from rescompress.compress.quantize import PTQConfig, QATConfig, ptq, qat, quantize_ptq
-from rescompress.compress.schemes import ResNetQuantizer
 from rescompress.train import evaluate
 from tests.conftest import make_ctx
 
