@@ -244,7 +244,7 @@ class Runner:
     def export_sources(self, model: Any) -> dict[str, tuple[str, Any]]:
         """Which model each precision is exported from: int8 from the quantized model the stages left,
         everything else from the last float model (the step before the int8 stage)."""
-        from rescompress.compress.pt2e import is_quantized
+        from rescompress.compress.qgraph import is_quantized
 
         steps = self.plan.steps[:-3]
         if not is_quantized(model):

@@ -80,7 +80,7 @@ def now() -> str:
 
 def checkpoint_suffix(model: Any) -> str:
     """`.pt` for float models (a state_dict), `.pt2` for int8 models (a torch.export archive)."""
-    from rescompress.compress.pt2e import is_quantized
+    from rescompress.compress.qgraph import is_quantized
 
     return ".pt2" if is_quantized(model) else ".pt"
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
+from rescompress.compress.qgraph import is_quantized, scheme_of  # noqa: F401  (re-exported)
 from rescompress.fileio import atomic_write
 
 @contextlib.contextmanager
@@ -41,29 +42,10 @@ with _quiet_loggers("torchao", "torch.utils._pytree"), warnings.catch_warnings()
     warnings.simplefilter("ignore")
     import torchao.quantization.pt2e  # noqa: F401
 
-QUANT_OPS = ("quantized_decomposed.quantize_per_tensor", "quantized_decomposed.dequantize_per_channel")
 _EXTRA = "rescompress.json"
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """True for a converted PT2E model (int8 weights and Q/DQ pairs in its graph)."""
-    if not isinstance(model, GraphModule):
-        return False
-    return any(str(n.target).startswith(QUANT_OPS) for n in model.graph.nodes if n.op == "call_function")
-
-
-def scheme_of(model: GraphModule) -> str:
-    """The int8 scheme a converted model was quantized with, read from its activation quantize ops."""
-    acts = [n for n in model.graph.nodes if n.op == "call_function"
-            and str(n.target).startswith("quantized_decomposed.quantize_per_tensor")]
-    if not acts:
-        raise ValueError("the model has no quantized activations")
-    if any(n.args[-1] == torch.uint8 for n in acts):
-        return "onnxruntime"
-    return "tensorrt" if all(n.args[2] == 0 for n in acts) else "tflite"
-
-
-def _dynamic(example: torch.Tensor) -> tuple:
+def _dynamic() -> tuple:
     return ({0: torch.export.Dim("batch", min=1, max=4096)},)
 
 
@@ -84,7 +66,7 @@ def capture(model: nn.Module, example: torch.Tensor, *, train: bool) -> GraphMod
     """The model as an aten graph (strict export, dynamic batch), in train or eval form."""
     model.train(train)
     with _quiet():
-        ep = torch.export.export(model, (_example(example),), dynamic_shapes=_dynamic(example), strict=True)
+        ep = torch.export.export(model, (_example(example),), dynamic_shapes=_dynamic(), strict=True)
     return ep.module()
 
 
@@ -189,7 +171,7 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], progress: 
 def save_quantized(path: Path, model: GraphModule, example: torch.Tensor, meta: dict) -> None:
     """A converted model as a torch.export archive (`.pt2`): graph and int8 tensors, no pickled code."""
     with _quiet():
-        ep = torch.export.export(model, (_example(example),), dynamic_shapes=_dynamic(example), strict=False)
+        ep = torch.export.export(model, (_example(example),), dynamic_shapes=_dynamic(), strict=False)
     atomic_write(path, lambda p: torch.export.save(ep, p, extra_files={_EXTRA: json.dumps(meta)}))
 
 

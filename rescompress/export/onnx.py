@@ -90,7 +90,7 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
 
     runtime, runner, accuracy_only = f"onnxruntime {ort_version()}", ort_runner, ""
     if cfg.precision == "int8":
-        from rescompress.compress.pt2e import is_quantized, scheme_of
+        from rescompress.compress.qgraph import is_quantized, scheme_of
 
         if not is_quantized(model):
             raise ValueError("an int8 ONNX export needs the int8 model a qat or ptq stage produces")
