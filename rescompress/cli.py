@@ -166,6 +166,39 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding rep
             console.print(f"{kind:<5} {path}")
 
 
+class LintTarget(str, Enum):
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+    tflite = "tflite"
+
+
+@app.command()
+def lint(
+    artifact: Path = typer.Argument(..., help="an exported model: .onnx (tensorrt, onnxruntime) or .tflite"),
+    target: LintTarget = typer.Option(..., "--target", "-t", help="the runtime the file must suit"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Check that an exported model runs the way its target runtime runs fast; exit 1 on any error."""
+    import json
+
+    from rich.markup import escape
+
+    from rescompress.export.lint import lint_file
+
+    with user_errors():
+        result = lint_file(artifact, target.value)
+    if as_json:
+        console.print_json(json.dumps({"path": str(artifact), **result.to_dict()}))
+    else:
+        for finding in result.findings:
+            colour = {"error": "red", "warning": "yellow"}.get(finding.severity, "dim")
+            console.print(f"[{colour}]{escape(finding.line())}[/{colour}]", soft_wrap=True)
+        colour = "green" if result.passed else "red"
+        console.print(f"[{colour}]{escape(result.summary())}[/{colour}]", soft_wrap=True)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

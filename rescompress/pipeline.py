@@ -114,13 +114,24 @@ def _check_prune_target(recipe: Recipe, arch: dict, spec: Any) -> None:
 
 
 def check_exports(recipe: Recipe) -> None:
-    """An int8 export needs an int8 model: a qat or ptq stage must produce it."""
+    """An int8 export needs an int8 model (a qat or ptq stage must produce it), and every export's backend
+    must be installed."""
+    import importlib.util
+
+    from rescompress.errors import BackendMissingError
+    from rescompress.export import TARGETS
+
     quantizing = [s.kind for s in recipe.stages if STAGES.get(s.kind).quantizes]
     for i, entry in enumerate(recipe.export):
-        if entry.config.precision == "int8" and not quantizing:
+        target = TARGETS.get(entry.target)
+        if target.source(entry.config) == "int8" and not quantizing:
             int8 = ", ".join(n for n, spec in STAGES.items() if spec.quantizes)
             raise PlanError(f"export[{i}] {entry.name} needs an int8 model, but no stage quantizes: add one of "
                             f"{int8} to stages (qat keeps the most accuracy, ptq is quicker)")
+        needed = target.requires(entry.config)
+        if needed and importlib.util.find_spec(needed[0]) is None:
+            raise BackendMissingError(f"export[{i}] {entry.name} needs {needed[0]}, which is not installed: "
+                                      f"pip install 'rescompress[{needed[1]}]'")
 
 
 def resolve_arch(recipe: Recipe, data: Any) -> dict:
@@ -270,22 +281,53 @@ class Runner:
         out_dir.mkdir(exist_ok=True)
         for entry in self.recipe.export:
             target = TARGETS.get(entry.target)
-            family = "int8" if entry.config.precision == "int8" else "fp32"
+            family = target.source(entry.config)
             step, source = sources[family]
             self.console.print(f"exporting {entry.name} from {step} ...")
             t0 = time.time()
-            path = out_dir / f"{entry.name}.{entry.target}"
+            path = out_dir / f"{entry.name}{target.suffix}"
             try:
                 art = target.export(source, self._example(2), entry.config, path, spec=self.data.input_spec,
-                                    from_stage=step)
+                                    from_stage=step, devices=self.plan.devices, calibration=self._calibration)
             except RescompressError:
                 raise
             except Exception as exc:  # the exporter broke on this model: keep the run, record why
                 art = self._failed_export(entry, path, step, exc)
             art.reference = f"torch-{family}"
             self.console.print(f"[green]✓[/green] {entry.name}: {art.status}, {art.size_bytes or 0:,} bytes ({time.time() - t0:.1f}s)")
+            self._lint(art)
             artifacts.append(art)
         return artifacts
+
+    def _calibration(self, n: int):
+        """`n` shuffled training images, normalised NCHW float32: what post-training converters calibrate on."""
+        import numpy as np
+
+        images = self.data.train.images.numpy()
+        pick = np.random.default_rng(self.recipe.seed).permutation(len(images))[:n]
+        return self.data.input_spec.normalize_numpy(images[pick])
+
+    def _lint(self, art: Any) -> None:
+        """Lint the file in every runtime it is meant for; the findings go into the report."""
+        from rich.markup import escape
+
+        from rescompress.export.lint import lint_file
+
+        if art.path is None or not art.path.exists():
+            return
+        for target in lint_targets(art, self.plan.devices):
+            if target in art.lint_checked:
+                continue
+            try:
+                result = lint_file(art.path, target)
+            except Exception as exc:  # a lint crash must not cost the run its artifacts
+                self.console.print(f"[yellow]lint {target} of {art.name} failed: {escape(f'{type(exc).__name__}: {exc}')}[/yellow]")
+                continue
+            art.add_lint(result)
+            colour = "green" if result.passed else "red"
+            self.console.print(f"  [{colour}]lint[/{colour}] {escape(result.summary())}")
+            for finding in result.errors[:5]:
+                self.console.print(f"    {escape(finding.line())}", soft_wrap=True)
 
     def index(self, artifacts: list) -> dict:
         """Path, hash and status of every artifact, for the manifest."""
@@ -340,10 +382,16 @@ class Runner:
             results = []
             with progress_bar(self.console) as progress:
                 for art, row in zip(artifacts, art_rows):
+                    if not runs_on(art, device):
+                        continue
                     res = {"artifact": art.name, "runtime": art.runtime.split()[0], "top1": row.get("top1"),
                            "delta_top1_pt": None if row.get("top1") is None else round((row["top1"] - baseline_top1) * 100, 3),
                            "size_bytes": row["size_bytes"], "latency": None, "status": art.status, "message": art.message}
-                    if art.status == "ok" and art.accuracy_only:
+                    if art.status == "deferred":
+                        command = art.details.get("build_commands", {}).get(device.name)
+                        if command:
+                            res["message"] = f"engine build deferred: on {device.name} run: {command}"
+                    elif art.status == "ok" and art.accuracy_only:
                         res["message"] = f"latency not measured: {art.accuracy_only}"
                     elif art.status == "ok" and device.latency_source == "none":
                         res["message"] = (f"latency not measured: {device.name} has no connection or estimate "
@@ -388,6 +436,27 @@ class Runner:
         }
         write_report(report, self.run_dir)
         return report
+
+
+def lint_targets(art: Any, devices: list[DeviceProfile]) -> list[str]:
+    """The runtimes an artifact's file is checked for: its own (unless it is only an accuracy reference),
+    and TensorRT for an int8 ONNX in TensorRT's layout or when a device of the recipe runs TensorRT."""
+    if art.target == "tflite":
+        return ["tflite"]
+    if art.target != "onnx":
+        return []
+    targets = [] if art.accuracy_only else ["onnxruntime"]
+    if art.precision == "int8" and (art.details.get("scheme") == "tensorrt"
+                                    or any("tensorrt" in d.runtimes for d in devices)):
+        targets.append("tensorrt")
+    return targets
+
+
+def runs_on(art: Any, device: DeviceProfile) -> bool:
+    """Whether the device runs the artifact's runtime (the torch references are listed everywhere)."""
+    from rescompress.export import TARGETS
+
+    return art.target == "torch" or TARGETS.get(art.target).runtime in device.runtimes
 
 
 def recommend(results: list[dict], budget_pt: float) -> Optional[dict]:

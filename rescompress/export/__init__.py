@@ -1,10 +1,12 @@
 """Export targets. Each module registers a `TargetSpec`: its config class, what it supports, and
-`export(model, example, cfg, out_dir, ctx) -> Artifact`. Heavy backends are imported inside `export`."""
+`export(model, example, cfg, out_path, *, spec, from_stage, devices) -> Artifact`, where `out_path` ends in
+the target's `suffix` and `devices` are the recipe's device profiles. Heavy backends are imported inside
+`export`, and a missing one raises a `BackendMissingError` naming the extra that installs it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from pydantic import BaseModel
 
@@ -20,11 +22,18 @@ class TargetSpec:
     precisions: tuple[str, ...]
     runtime: str
     summary: str
+    suffix: str  # the file the export writes: ".onnx", ".engine", ".tflite"
     extra: str = ""  # the pip extra that installs its backend, "" when core
+    # which model an entry converts: "int8" (the qat/ptq model) or "fp32" (the last float model)
+    source: Callable[[BaseModel], str] = lambda cfg: "int8" if cfg.precision == "int8" else "fp32"
+    # (module, extra) that must be importable for an entry, checked when the run is planned; None = nothing
+    requires: Callable[[BaseModel], Optional[tuple[str, str]]] = lambda cfg: None
 
 
 TARGETS: Registry[TargetSpec] = Registry("export target")
 
 from rescompress.export import onnx as _onnx  # noqa: E402,F401  (registers "onnx")
+from rescompress.export import tensorrt as _tensorrt  # noqa: E402,F401  (registers "tensorrt")
+from rescompress.export import tflite as _tflite  # noqa: E402,F401  (registers "tflite")
 
 __all__ = ["Artifact", "TARGETS", "TargetSpec", "parity", "top1"]

@@ -34,7 +34,9 @@ class Artifact:
     reference: str = ""  # the artifact it is compared with (the torch model it was exported from)
     accuracy_only: str = ""  # why its latency means nothing (a reference, not a deployment path); "" = timed
     load_runner: Optional[Callable[[Path, Optional[int]], Callable[[np.ndarray], np.ndarray]]] = None
-    lint: list[dict] = field(default_factory=list)
+    lint: list[dict] = field(default_factory=list)  # findings of every lint run on it, each with its "target"
+    lint_checked: dict = field(default_factory=dict)  # lint target -> {passed, errors, warnings, checked}
+    details: dict = field(default_factory=dict)  # target-specific facts (engine build command, converter, ...)
     _runner: Any = field(default=None, repr=False)
     _threads: Optional[int] = field(default=None, repr=False)
 
@@ -48,6 +50,12 @@ class Artifact:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.runner(self._threads)(np.ascontiguousarray(x, dtype=np.float32))
+
+    def add_lint(self, result) -> None:
+        """Record a `LintResult` (rescompress.export.lint) on this artifact."""
+        self.lint.extend({**f.to_dict(), "target": result.target} for f in result.findings)
+        summary = result.to_dict()
+        self.lint_checked[result.target] = {k: summary[k] for k in ("passed", "errors", "warnings", "checked")}
 
     def release(self) -> None:
         """Drop the runtime session (benchmark one session at a time)."""
@@ -77,6 +85,8 @@ class Artifact:
             "runtime": self.runtime,
             "input_spec": self.input_spec.to_dict(),
             "lint": self.lint,
+            "lint_checked": self.lint_checked,
+            "details": self.details,
             "accuracy_only": self.accuracy_only or None,
         }
 

@@ -64,7 +64,8 @@ def _strip_node_metadata(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_stage: str) -> Artifact:
+def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_stage: str, devices=(),
+                calibration=None) -> Artifact:
     import torch
 
     from rescompress.fileio import atomic_write
@@ -88,13 +89,14 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
             logging.getLogger("torch.onnx").setLevel(level)
         _strip_node_metadata(tmp)
 
-    runtime, runner, accuracy_only = f"onnxruntime {ort_version()}", ort_runner, ""
+    runtime, runner, accuracy_only, details = f"onnxruntime {ort_version()}", ort_runner, "", {}
     if cfg.precision == "int8":
         from rescompress.compress.qgraph import is_quantized, scheme_of
 
         if not is_quantized(model):
             raise ValueError("an int8 ONNX export needs the int8 model a qat or ptq stage produces")
         scheme = scheme_of(model)
+        details["scheme"] = scheme
         if scheme != "onnxruntime":
             # onnxruntime's fused int8 kernels only suit its own layout (on x86 without VNNI they saturate
             # int16 sums); a graph laid out for TensorRT or LiteRT is judged with its Q/DQ computed as written
@@ -105,8 +107,8 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
     atomic_write(out_path, write)
     return Artifact(name=f"onnx-{cfg.precision}", target="onnx", precision=cfg.precision, path=out_path,
                     input_spec=spec, runtime=runtime, from_stage=from_stage, load_runner=runner,
-                    accuracy_only=accuracy_only)
+                    accuracy_only=accuracy_only, details=details)
 
 
 TARGETS.add("onnx", TargetSpec(name="onnx", config=OnnxConfig, export=export_onnx, precisions=("fp32", "int8"),
-                               runtime="onnxruntime", summary="ONNX (opset >= 18) run in onnxruntime"))
+                               suffix=".onnx", runtime="onnxruntime", summary="ONNX (opset >= 18) run in onnxruntime"))
