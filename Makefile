@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,inc
+EXTRAS ?= dev,inc,tflite,tensorflow
 comma  := ,
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(subst $(comma),-,$(EXTRAS))
 
@@ -12,6 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	case ",$(EXTRAS)," in *,tensorflow,*) bash tools/install_tensorflow_extra.sh $(BIN)/python;; esac
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -25,6 +25,8 @@ class DeviceProfile(BaseModel):
     int8_scheme: Optional[Literal["tensorrt", "onnxruntime", "tflite"]] = Field(
         None, description="the int8 layout its runtime runs fast; the default scheme of qat/ptq stages")
     threads: Optional[int] = Field(None, gt=0, description="default: the recipe's report.latency.threads")
+    trtexec: str = Field("trtexec", description="trtexec on the device, for the engine build command of a deferred "
+                                                "tensorrt export (JetPack: /usr/src/tensorrt/bin/trtexec)")
 
 
 def search_dirs() -> list[Path]:

@@ -78,8 +78,8 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
 
     MODELS.get(recipe.model.name)  # unknown model: fails before the data loads
     check_order([s.kind for s in recipe.stages], [s.config for s in recipe.stages])
-    check_exports(recipe)
     devices = [load_device(name) for name in recipe.devices]
+    check_exports(recipe, devices)
     d = recipe.data
     data = load_dataset(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
                         val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=recipe.seed,
@@ -113,9 +113,9 @@ def _check_prune_target(recipe: Recipe, arch: dict, spec: Any) -> None:
         raise PlanError(f"stages[{first}].prune: {exc}") from None
 
 
-def check_exports(recipe: Recipe) -> None:
-    """An int8 export needs an int8 model (a qat or ptq stage must produce it), and every export's backend
-    must be installed."""
+def check_exports(recipe: Recipe, devices: list[DeviceProfile] = ()) -> None:
+    """An int8 export needs an int8 model (a qat or ptq stage must produce it) in a layout its runtime can
+    run, and every export's backend must be installed."""
     import importlib.util
 
     from rescompress.errors import BackendMissingError
@@ -128,6 +128,17 @@ def check_exports(recipe: Recipe) -> None:
             int8 = ", ".join(n for n, spec in STAGES.items() if spec.quantizes)
             raise PlanError(f"export[{i}] {entry.name} needs an int8 model, but no stage quantizes: add one of "
                             f"{int8} to stages (qat keeps the most accuracy, ptq is quicker)")
+        if target.source(entry.config) == "int8":
+            stage = next(s for s in recipe.stages if STAGES.get(s.kind).quantizes)
+            scheme = getattr(stage.config, "scheme", None)
+            if scheme is None:
+                from rescompress.compress.quantize import default_scheme
+
+                scheme = default_scheme(list(devices))[0]
+            if scheme not in target.schemes:
+                raise PlanError(f"export[{i}] {entry.name} cannot ship the {stage.kind} stage's {scheme} int8 layout; "
+                                f"set {stage.kind}.scheme to {' or '.join(target.schemes)}"
+                                + (" (tensorrt's symmetric int8 also suits onnx and tflite)" if "tensorrt" in target.schemes else ""))
         needed = target.requires(entry.config)
         if needed and importlib.util.find_spec(needed[0]) is None:
             raise BackendMissingError(f"export[{i}] {entry.name} needs {needed[0]}, which is not installed: "

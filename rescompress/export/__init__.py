@@ -28,6 +28,8 @@ class TargetSpec:
     source: Callable[[BaseModel], str] = lambda cfg: "int8" if cfg.precision == "int8" else "fp32"
     # (module, extra) that must be importable for an entry, checked when the run is planned; None = nothing
     requires: Callable[[BaseModel], Optional[tuple[str, str]]] = lambda cfg: None
+    # the int8 schemes (qat/ptq layouts) whose model this target can ship as int8
+    schemes: tuple[str, ...] = ("tensorrt", "onnxruntime", "tflite")
 
 
 TARGETS: Registry[TargetSpec] = Registry("export target")

@@ -6,7 +6,8 @@ node and the fix. Three targets:
 - `tensorrt` (an ONNX file): the QDQ layout TensorRT builds int8 engines from. Only QuantizeLinear /
   DequantizeLinear (no QOperator ops), int8 zero points that are all 0, per-channel weight scales on an
   explicit axis 0 with one scale per output channel, per-tensor activation scales, positive finite scales,
-  Q/DQ on both inputs of every residual Add, opset >= 13. Needs no GPU.
+  float biases (no int32 bias DequantizeLinear), Q/DQ on both inputs of every residual Add, opset >= 13.
+  Needs no GPU.
 - `onnxruntime` (an ONNX file): onnxruntime's own graph optimisation is run and every int8 Conv, Add and
   Gemm must come out as an integer kernel (QLinearConv, QLinearAdd, QGemm, ...); one left in float between
   Dequantize and Quantize runs slower than fp32.

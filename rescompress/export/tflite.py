@@ -259,7 +259,10 @@ def tflite_runner(path: Path, threads: Optional[int], *, nhwc: bool = False) -> 
 TARGETS.add("tflite", TargetSpec(name="tflite", config=TFLiteConfig, export=export_tflite,
                                  precisions=("fp32", "fp16", "int8"), suffix=".tflite", runtime="tflite",
                                  summary="TFLite run in the LiteRT interpreter (litert-torch, or onnx2tf)",
-                                 extra="tflite", source=_source, requires=_requires))
+                                 extra="tflite", source=_source, requires=_requires,
+                                 # LiteRT int8 is int8 activations with any zero point: tensorrt's symmetric
+                                 # layout is a special case; onnxruntime's uint8 activations are not
+                                 schemes=("tflite", "tensorrt")))
 
 def unfold_int8_weights(gm):
     """A copy of a PT2E model whose int8 weight constants are float again, each behind the quantize op

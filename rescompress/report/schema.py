@@ -72,7 +72,7 @@ from rescompress.errors import RescompressError
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "deferred", "failed", "skipped")
 LATENCY_SOURCES = ("measured", "measured-remote", "estimated")
-LINT_SEVERITIES = ("error", "warning")
+LINT_SEVERITIES = ("error", "warning", "info")
 
 REQUIRED_TOP_LEVEL = (
     "schema_version", "rescompress_version", "recipe", "run", "dataset",
