@@ -66,8 +66,10 @@ def make_report() -> dict[str, Any]:
              "path": "artifacts/onnx-int8.onnx", "status": "ok", "size_bytes": 310000,
              "runtime": "onnxruntime 1.31.1", "top1": 0.975,
              "parity": {"max_abs_diff": 0.12, "top1_agreement": 0.989, "reference": "torch-fp32"},
-             "lint": [{"rule": "qdq-residual-add", "node": "/layer2/Add_1", "severity": "warning",
-                       "message": "residual Add input is not quantized", "fix": "quantize both Add inputs"}]},
+             "lint": [{"target": "tensorrt", "rule": "trt-add-qdq", "node": "/layer2/Add_1", "severity": "warning",
+                       "message": "residual Add input is not quantized", "fix": "quantize both Add inputs"}],
+             "lint_checked": {"onnxruntime": {"passed": True, "errors": 0, "warnings": 0, "checked": "21 QLinearConv"},
+                              "tensorrt": {"passed": True, "errors": 0, "warnings": 1, "checked": "70 nodes"}}},
             {"name": "tensorrt-int8", "target": "tensorrt", "precision": "int8", "from_stage": "ptq",
              "path": "artifacts/tensorrt-int8.onnx", "status": "deferred",
              "message": "engine build deferred: run `trtexec --onnx=tensorrt-int8.onnx --stronglyTyped "
@@ -221,10 +223,10 @@ def test_markdown_tables(report: dict[str, Any]) -> None:
     artifacts = {row[0]: row for row in _table_rows(text, "## Artifacts")}
     assert artifacts["onnx-fp32"][6:8] == ["2.1e-06 vs torch-fp32", "100.00"]
     assert artifacts["tensorrt-int8"][4] == "deferred"
-    assert artifacts["onnx-int8"][10] == "1 warning"
+    assert artifacts["onnx-int8"][10] == "onnxruntime: passes; tensorrt: passes (1 warning)"
     assert "tensorrt-int8 (deferred): engine build deferred: run `trtexec" in text
     assert "tflite-int8 (failed): litert-torch is not installed" in text
-    assert "onnx-int8: [warning] qdq-residual-add at /layer2/Add_1: residual Add input is not quantized (fix: quantize both Add inputs)" in text
+    assert "onnx-int8: [warning] tensorrt trt-add-qdq at /layer2/Add_1: residual Add input is not quantized (fix: quantize both Add inputs)" in text
     assert "- ptq: calibrated on 256 training images" in text
 
 
@@ -322,8 +324,8 @@ def test_fixture_is_valid(report: dict[str, Any]) -> None:
          r"devices\[0\]\.results\[0\]\.artifact 'nope' is not the name of any entry in artifacts"),
         (lambda r: r["devices"][0]["recommendation"].update(artifact="tensorrt-int8"),
          r"devices\[0\]\.recommendation\.artifact 'tensorrt-int8' is not among this device's results"),
-        (lambda r: r["artifacts"][2]["lint"][0].update(severity="info"),
-         r"artifacts\[2\]\.lint\[0\]\.severity is 'info'; expected one of error, warning"),
+        (lambda r: r["artifacts"][2]["lint"][0].update(severity="fatal"),
+         r"artifacts\[2\]\.lint\[0\]\.severity is 'fatal'; expected one of error, warning, info"),
         (lambda r: r["artifacts"][1].update(name="torch-fp32"),
          r"artifacts\[1\]\.name 'torch-fp32' repeats artifacts\[0\]\.name"),
         (lambda r: r["stages"].reverse(), r"stages\[0\]\.name is 'ptq'; the first stage must be 'baseline'"),

@@ -172,12 +172,17 @@ def _stages(report: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-def _lint_summary(findings: list[Mapping[str, Any]] | None) -> str:
-    if findings is None:
+def _lint_summary(artifact: Mapping[str, Any]) -> str:
+    """Per lint target: "passes" or its error and warning counts."""
+    checked = artifact.get("lint_checked") or {}
+    if not checked:
         return MISSING
-    errors = sum(f["severity"] == "error" for f in findings)
-    counts = ((errors, "error"), (len(findings) - errors, "warning"))
-    return ", ".join(f"{n} {word}{'s' if n > 1 else ''}" for n, word in counts if n) or "clean"
+    parts = []
+    for target, c in checked.items():
+        counts = ((c.get("errors", 0), "error"), (c.get("warnings", 0), "warning"))
+        found = ", ".join(f"{n} {word}{'s' if n > 1 else ''}" for n, word in counts if n)
+        parts.append(f"{target}: {'passes' if c.get('passed') else 'FAILS'}" + (f" ({found})" if found else ""))
+    return "; ".join(parts)
 
 
 def _artifacts(report: Mapping[str, Any]) -> list[Block]:
@@ -191,7 +196,7 @@ def _artifacts(report: Mapping[str, Any]) -> list[Block]:
         rows.append([
             a["name"], a["target"], a["precision"], fmt_text(a.get("from_stage")), a["status"],
             fmt_pct(a.get("top1")), diff_text, fmt_pct(parity.get("top1_agreement")),
-            fmt_bytes(a.get("size_bytes")), fmt_text(a.get("runtime")), _lint_summary(a.get("lint")),
+            fmt_bytes(a.get("size_bytes")), fmt_text(a.get("runtime")), _lint_summary(a),
         ])
     blocks: list[Block] = [
         Heading(2, "Artifacts"),
@@ -203,7 +208,7 @@ def _artifacts(report: Mapping[str, Any]) -> list[Block]:
     if problems:
         blocks += [Heading(3, "Artifacts not ok"), Bullets(problems)]
     findings = [
-        f"{a['name']}: [{f['severity']}] {f['rule']}"
+        f"{a['name']}: [{f['severity']}] {f.get('target', '')} {f['rule']}"
         + (f" at {f['node']}" if f.get("node") else "")
         + f": {f['message']}"
         + (f" (fix: {f['fix']})" if f.get("fix") else "")

@@ -41,8 +41,13 @@ Top level (all required):
     `reference` (str): the artifact compared with; `top1_agreement` (fraction): share of equal top-1 predictions
   - `accuracy_only` (str, optional): why the artifact's latency is not measured (a reference such as the
     PT2E torch model or an unfused QDQ graph, whose speed is not that of any deployment)
-  - `lint` (list, optional): deployability findings, each `rule` (str), `node` (str, optional),
-    `message` (str), `fix` (str, optional), `severity` ("error" | "warning")
+  - `lint` (list, optional): deployability findings, each `target` (str: the runtime linted for, "tensorrt" |
+    "onnxruntime" | "tflite"), `rule` (str), `node` (str, optional), `message` (str), `fix` (str, optional),
+    `severity` ("error" | "warning" | "info")
+  - `lint_checked` (object, optional): lint target -> `passed` (bool), `errors`, `warnings` (int), `checked`
+    (str: what was checked)
+  - `details` (object, optional): target-specific facts, e.g. `scheme`, `converter`, `build_commands`
+    (device -> the command that builds a deferred TensorRT engine there)
 - `devices` (list): one object per target device.
   - `name` (str, unique); `description` (str, optional); `accuracy_budget_pt` (number, optional)
   - `results` (list): one object per artifact evaluated for this device:
