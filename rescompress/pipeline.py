@@ -304,7 +304,7 @@ class Runner:
                 raise
             except Exception as exc:  # the exporter broke on this model: keep the run, record why
                 art = self._failed_export(entry, path, step, exc)
-            art.reference = f"torch-{family}"
+            art.name, art.reference = entry.name, f"torch-{family}"
             self.console.print(f"[green]✓[/green] {entry.name}: {art.status}, {art.size_bytes or 0:,} bytes ({time.time() - t0:.1f}s)")
             self._lint(art)
             artifacts.append(art)

@@ -88,7 +88,8 @@ class ExportEntry(Strict):
 
     @property
     def name(self) -> str:
-        return f"{self.target}-{self.config.precision}"
+        """`target-precision`, plus what sets the entry apart from the default (e.g. `tflite-int8-onnx2tf`)."""
+        return f"{self.target}-{self.config.precision}{getattr(self.config, 'name_suffix', '')}"
 
     def to_yaml(self) -> dict:
         return {self.target: _dump(self.config)}

@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-HEAVY = ["tensorflow", "tensorrt", "torch_tensorrt", "litert_torch", "ai_edge_litert", "neural_compressor", "matplotlib"]
+HEAVY = ["tensorflow", "tensorrt", "torch_tensorrt", "litert_torch", "ai_edge_litert", "ai_edge_quantizer", "onnx2tf",
+         "tf_keras", "jax", "neural_compressor", "matplotlib"]
 
 
 def _modules_after(code: str) -> set[str]:

@@ -38,6 +38,11 @@ class TFLiteConfig(BaseModel):
     calibration_batches: int = Field(8, gt=0, description="onnx2tf int8 only: batches of training images "
                                                             "its post-training quantization calibrates on")
 
+    @property
+    def name_suffix(self) -> str:
+        """Sets the artifact's name apart from the default litert_torch NCHW one."""
+        return ("-onnx2tf" if self.converter == "onnx2tf" else "") + ("-nhwc" if self.layout == "nhwc" else "")
+
 
 def _source(cfg: TFLiteConfig) -> str:
     """litert_torch converts the qat/ptq model for int8; onnx2tf always starts from the float model."""
@@ -93,7 +98,7 @@ def export_tflite(model, example, cfg: TFLiteConfig, out_path: Path, *, spec, fr
     else:
         atomic_write(out_path, lambda tmp: _onnx2tf(model, example[:1], cfg, tmp, details, calibration))
         details["converter_version"] = f"onnx2tf {_version('onnx2tf')}, tensorflow {_version('tensorflow-cpu')}"
-    return Artifact(name=f"tflite-{cfg.precision}", target="tflite", precision=cfg.precision, path=out_path,
+    return Artifact(name=f"tflite-{cfg.precision}{cfg.name_suffix}", target="tflite", precision=cfg.precision, path=out_path,
                     input_spec=spec, runtime=f"litert {litert_version()} (XNNPACK)", from_stage=from_stage,
                     load_runner=partial(tflite_runner, nhwc=cfg.layout == "nhwc"), details=details)
 
