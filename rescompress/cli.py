@@ -118,12 +118,14 @@ class Listable(str, Enum):
 @app.command("list")
 def list_(what: Listable = typer.Argument(..., help="what to list")) -> None:
     """List the registered models, datasets, stages, export targets or device profiles."""
+    from rich.markup import escape
+
     with user_errors():
         table = Table(show_header=True)
         table.add_column(what.value[:-1])
         table.add_column("details")
         for name, details in _listing(what):
-            table.add_row(name, details)
+            table.add_row(escape(name), escape(details))
         console.print(table)
 
 

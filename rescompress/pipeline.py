@@ -136,9 +136,9 @@ def check_exports(recipe: Recipe, devices: list[DeviceProfile] = ()) -> None:
 
                 scheme = default_scheme(list(devices))[0]
             if scheme not in target.schemes:
-                raise PlanError(f"export[{i}] {entry.name} cannot ship the {stage.kind} stage's {scheme} int8 layout; "
-                                f"set {stage.kind}.scheme to {' or '.join(target.schemes)}"
-                                + (" (tensorrt's symmetric int8 also suits onnx and tflite)" if "tensorrt" in target.schemes else ""))
+                also = " (tensorrt's symmetric int8 also suits onnx and tflite)" if "tensorrt" in target.schemes else ""
+                raise PlanError(f"export[{i}] {entry.name} cannot ship the {stage.kind} stage's {scheme} int8 "
+                                f"layout; set {stage.kind}.scheme to {' or '.join(target.schemes)}{also}")
         needed = target.requires(entry.config)
         if needed and importlib.util.find_spec(needed[0]) is None:
             raise BackendMissingError(f"export[{i}] {entry.name} needs {needed[0]}, which is not installed: "
@@ -332,7 +332,8 @@ class Runner:
             try:
                 result = lint_file(art.path, target)
             except Exception as exc:  # a lint crash must not cost the run its artifacts
-                self.console.print(f"[yellow]lint {target} of {art.name} failed: {escape(f'{type(exc).__name__}: {exc}')}[/yellow]")
+                why = escape(f"{type(exc).__name__}: {exc}")
+                self.console.print(f"[yellow]lint {target} of {art.name} failed: {why}[/yellow]")
                 continue
             art.add_lint(result)
             colour = "green" if result.passed else "red"

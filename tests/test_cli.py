@@ -121,6 +121,12 @@ def test_list(what, expected):
     assert result.exit_code == 0 and expected in result.output
 
 
+def test_list_targets_names_the_extras():
+    result = invoke("list", "targets")
+    text = "".join(ch for ch in result.output if not ch.isspace() and ch != "│")  # the table wraps lines
+    assert "rescompress[tflite]" in text and "rescompress[tensorflow]" in text and "rescompress[tensorrt]" in text
+
+
 def test_exit_code_through_the_real_entry_point(tmp_path):
     path = write_recipe(tmp_path / "bad.yaml", with_(modle={}))
     proc = subprocess.run([sys.executable, "-m", "rescompress", "run", str(path), "--dry-run"],

@@ -62,6 +62,7 @@ def test_fp32_litert_matches_torch(trained_tiny, digits_small, tmp_path, layout)
     shape = _input_shape(art.path)
     spec = digits_small.input_spec
     assert shape == ([1, spec.height, spec.width, spec.channels] if layout == "nhwc" else [1, spec.channels, spec.height, spec.width])
+    assert art.input_spec.layout == layout.upper()
     result = lint_file(art.path, "tflite")
     assert result.passed and not result.findings
     assert art.details["converter"] == "litert_torch"

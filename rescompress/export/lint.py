@@ -407,7 +407,8 @@ INT_TYPES = ("int8", "uint8", "int16", "int32", "int64", "bool")
 def lint_tflite(path: Path) -> LintResult:
     """Every operator of an int8 LiteRT model computes on integers; float only at the io boundary."""
     ops, tensors = tflite_ops(path)
-    float_ops = [(i, op) for i, op in enumerate(ops) if any(_is_float(tensors[t]) for t in op["inputs"] + op["outputs"])]
+    float_ops = [(i, op) for i, op in enumerate(ops)
+                 if any(_is_float(tensors[t]) for t in op["inputs"] + op["outputs"])]
     int8 = any(tensors[t]["dtype"] in ("int8", "uint8") for op in ops for t in op["inputs"] if t in tensors)
     summary = f"{len(ops)} operators: " + ", ".join(sorted({op["name"] for op in ops}))
     findings: list[Finding] = []
@@ -417,7 +418,8 @@ def lint_tflite(path: Path) -> LintResult:
         label = f"{op['name']} #{i}"
         if op["name"] == "QUANTIZE" and all(not _is_float(tensors[t]) for t in op["outputs"]):
             findings.append(Finding("tflite-float-io", "info", label, "the float input is quantized on entry"))
-        elif op["name"] == "DEQUANTIZE" and all(not _is_float(tensors[t]) for t in op["inputs"]) and _is_graph_output(op, ops):
+        elif (op["name"] == "DEQUANTIZE" and all(not _is_float(tensors[t]) for t in op["inputs"])
+              and _is_graph_output(op, ops)):
             findings.append(Finding("tflite-float-io", "info", label, "the int8 output is dequantized on exit"))
         else:
             names = ", ".join(f"{_short(tensors[t]['name'])} ({tensors[t]['dtype']})"

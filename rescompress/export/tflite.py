@@ -11,6 +11,7 @@ Two converters:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import warnings
@@ -64,12 +65,7 @@ def require(module: str, extra: str, what: str):
 
 
 def litert_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ai-edge-litert")
-    except PackageNotFoundError:
-        return "?"
+    return _version("ai-edge-litert")
 
 
 def litert_interpreter(path: Path, threads: Optional[int] = None, *, delegates: bool = True):
@@ -82,7 +78,6 @@ def litert_interpreter(path: Path, threads: Optional[int] = None, *, delegates: 
                             experimental_op_resolver_type=resolver)
     it.allocate_tensors()
     return it
-
 
 
 def export_tflite(model, example, cfg: TFLiteConfig, out_path: Path, *, spec, from_stage: str, devices=(),
@@ -98,9 +93,12 @@ def export_tflite(model, example, cfg: TFLiteConfig, out_path: Path, *, spec, fr
     else:
         atomic_write(out_path, lambda tmp: _onnx2tf(model, example[:1], cfg, tmp, details, calibration))
         details["converter_version"] = f"onnx2tf {_version('onnx2tf')}, tensorflow {_version('tensorflow-cpu')}"
-    return Artifact(name=f"tflite-{cfg.precision}{cfg.name_suffix}", target="tflite", precision=cfg.precision, path=out_path,
-                    input_spec=spec, runtime=f"litert {litert_version()} (XNNPACK)", from_stage=from_stage,
-                    load_runner=partial(tflite_runner, nhwc=cfg.layout == "nhwc"), details=details)
+    if spec is not None and cfg.layout == "nhwc":
+        spec = dataclasses.replace(spec, layout="NHWC")  # what the file takes; the runner still takes NCHW
+    return Artifact(name=f"tflite-{cfg.precision}{cfg.name_suffix}", target="tflite", precision=cfg.precision,
+                    path=out_path, input_spec=spec, runtime=f"litert {litert_version()} (XNNPACK)",
+                    from_stage=from_stage, load_runner=partial(tflite_runner, nhwc=cfg.layout == "nhwc"),
+                    details=details)
 
 
 def _version(dist: str) -> str:
@@ -169,7 +167,8 @@ def _litert_torch_int8(model, example, cfg: TFLiteConfig, tmp: Path, details: di
 
     # The quantizer only tells the converter that the graph carries static Q/DQ to fuse into integer
     # kernels; the graph's own scales and zero points (QAT's or calibration's) are the ones converted.
-    static = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    marker = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    static = QuantConfig(pt2e_quantizer=marker)
     with _quiet():
         edge = lt.convert(_channel_last(lt, unfold_int8_weights(model), cfg), (_sample(example, cfg),),
                           quant_config=static)
@@ -261,14 +260,6 @@ def tflite_runner(path: Path, threads: Optional[int], *, nhwc: bool = False) -> 
     return run
 
 
-TARGETS.add("tflite", TargetSpec(name="tflite", config=TFLiteConfig, export=export_tflite,
-                                 precisions=("fp32", "fp16", "int8"), suffix=".tflite", runtime="tflite",
-                                 summary="TFLite run in the LiteRT interpreter (litert-torch, or onnx2tf)",
-                                 extra="tflite", source=_source, requires=_requires,
-                                 # LiteRT int8 is int8 activations with any zero point: tensorrt's symmetric
-                                 # layout is a special case; onnxruntime's uint8 activations are not
-                                 schemes=("tflite", "tensorrt")))
-
 def unfold_int8_weights(gm):
     """A copy of a PT2E model whose int8 weight constants are float again, each behind the quantize op
     that reproduces them exactly.
@@ -311,3 +302,13 @@ def _attr_value(gm, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+TARGETS.add("tflite", TargetSpec(name="tflite", config=TFLiteConfig, export=export_tflite,
+                                 precisions=("fp32", "fp16", "int8"), suffix=".tflite", runtime="tflite",
+                                 summary="TFLite run in the LiteRT interpreter (litert-torch; converter onnx2tf needs "
+                                         "rescompress[tensorflow])",
+                                 extra="tflite", source=_source, requires=_requires,
+                                 # LiteRT int8 is int8 activations with any zero point: tensorrt's symmetric
+                                 # layout is a special case; onnxruntime's uint8 activations are not
+                                 schemes=("tflite", "tensorrt")))

@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""int8 vs fp32 latency in the LiteRT interpreter (XNNPACK), per quantization scheme, for one ResNet at one input size.
+
+    .venv/bin/python tools/bench_int8_litert.py --model resnet18 --size 224 --runs 50
+
+Builds the model (weights as initialised: latency does not depend on their values), converts the fp32
+.tflite and one int8 .tflite per scheme (PTQ, calibrated on random tensors, which only sets the ranges), plus
+litert-torch's own PT2EQuantizer (symmetric, per-channel, static) over the same tensors as the converter's
+reference int8 path, then times each in LiteRT with XNNPACK, one interpreter at a time, batch 1. Rounds
+alternate between the models so that machine noise hits all of them alike; the figure to read is the ratio
+of medians. `all-int` says whether every operator of an int8 model computes on integers (the tflite lint);
+one that does not falls back to float kernels. XNNPACK's int8 kernels gain most with AVX-512 VNNI / AVX-VNNI
+(x86) or dot-product instructions (ARM); the JSON records the CPU's flags, since on a CPU with AVX2 only
+int8 may be no faster than fp32. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from rescompress.bench.latency import measure_latency, provenance
+from rescompress.compress import pt2e
+from rescompress.compress.schemes import ResNetQuantizer
+from rescompress.data import InputSpec
+from rescompress.export.lint import lint_file
+from rescompress.export.tflite import (
+    TFLiteConfig,
+    _litert_torch,
+    _quiet,
+    _version,
+    export_tflite,
+    litert_version,
+    tflite_runner,
+)
+from rescompress.models import build_model
+
+REFERENCE = "int8-litert_torch-PT2EQuantizer"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--size", type=int, default=224)
+    # scheme onnxruntime's uint8 activations have no LiteRT int8 form
+    ap.add_argument("--schemes", default="tflite,tensorrt", help="comma-separated int8 schemes to compare")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per model per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path("bench/int8_litert.json"))
+    args = ap.parse_args(argv)
+    console = Console(stderr=True)
+
+    torch.manual_seed(0)
+    model = build_model(args.model, num_classes=1000 if args.size >= 96 else 10, in_channels=3,
+                        small_input=args.size < 96).eval()
+    spec = InputSpec(channels=3, height=args.size, width=args.size, mean=(0.0,) * 3, std=(1.0,) * 3)
+    example = torch.zeros(2, 3, args.size, args.size)
+    work = Path(tempfile.mkdtemp(prefix="rescompress-bench-"))
+    console.print("converting fp32 ...")
+    paths = {"fp32": export_tflite(model, example, TFLiteConfig(), work / "fp32.tflite", spec=spec,
+                                   from_stage="").path}
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, args.size, args.size, generator=g) for _ in range(4)]
+    for scheme in args.schemes.split(","):
+        console.print(f"quantizing ({scheme}) ...")
+        prepared = pt2e.prepare(model, example, ResNetQuantizer(scheme, qat=False), qat=False)
+        pt2e.calibrate(prepared, calib)
+        quantized = pt2e.convert(prepared)
+        paths[f"int8-{scheme}"] = export_tflite(quantized, example, TFLiteConfig(precision="int8"),
+                                                work / f"int8-{scheme}.tflite", spec=spec, from_stage="").path
+    console.print("quantizing (litert-torch PT2EQuantizer) ...")
+    paths[REFERENCE] = _litert_torch_reference(model, calib, work / "int8-litert_torch.tflite")
+
+    lint = {name: lint_file(path, "tflite") for name, path in paths.items() if name != "fp32"}
+    for name, result in lint.items():
+        console.print(f"{name}: {result.summary()}")
+    x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
+    p50s: dict[str, list[float]] = {name: [] for name in paths}
+    p90s: dict[str, list[float]] = {name: [] for name in paths}
+    width = max(map(len, paths))
+    for r in range(args.rounds):
+        for name, path in paths.items():
+            fn = tflite_runner(path, args.threads)
+            stats = measure_latency(fn, x, warmup=args.warmup, runs=args.runs, threads=args.threads)
+            p50s[name].append(stats.p50_ms)
+            p90s[name].append(stats.p90_ms)
+            console.print(f"round {r + 1}/{args.rounds}  {name:<{width}} p50 {stats.p50_ms:8.3f} ms  "
+                          f"p90 {stats.p90_ms:8.3f} ms")
+            del fn  # drops the interpreter, so only one holds memory and threads at a time
+
+    fp32 = float(np.median(p50s["fp32"]))
+    rows = []
+    for name, path in paths.items():
+        med = float(np.median(p50s[name]))
+        rows.append({"model": name, "p50_ms_median_of_rounds": med, "p50_ms_rounds": p50s[name],
+                     "p90_ms_median_of_rounds": float(np.median(p90s[name])), "p90_ms_rounds": p90s[name],
+                     "speedup_vs_fp32": fp32 / med, "size_bytes": path.stat().st_size,
+                     "all_int_lint": lint[name].to_dict() if name in lint else None})
+    table = Table(title=f"{args.model} {args.size}x{args.size}, LiteRT (XNNPACK), batch 1, {args.threads} threads")
+    for col in ("model", "p50 ms", "p90 ms", "speed-up vs fp32", "size MB", "all-int"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in rows:
+        verdict = "-" if row["all_int_lint"] is None else ("pass" if row["all_int_lint"]["passed"] else "FAIL")
+        table.add_row(row["model"], f"{row['p50_ms_median_of_rounds']:.3f}", f"{row['p90_ms_median_of_rounds']:.3f}",
+                      f"{row['speedup_vs_fp32']:.2f}x", f"{row['size_bytes'] / 1e6:.2f}", verdict)
+    Console().print(table)
+    result = {"model": args.model, "size": args.size, "threads": args.threads, "runs": args.runs,
+              "rounds": args.rounds, "results": rows, "cpu_flags": _cpu_flags(),
+              "provenance": {**provenance(), "ai_edge_litert": litert_version(),
+                             "litert_torch": _version("litert-torch")}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def _litert_torch_reference(model: torch.nn.Module, calib: list[torch.Tensor], out: Path) -> Path:
+    """litert-torch's documented PT2E flow: its own quantizer, weights left as float -> quantize -> dequantize
+    (fold_quantize=False) for the converter to fold."""
+    lt = _litert_torch()
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    # a static-shape capture: batch 1 is what the converted model takes, so calibration goes image by image
+    x1 = calib[0][:1]
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    with _quiet():
+        gm = torch.export.export(model.eval(), (x1,), strict=True).module()
+        prepared = prepare_pt2e(gm, quantizer)
+        with torch.no_grad():
+            for batch in calib:
+                for image in batch.split(1):
+                    prepared(image)
+        converted = convert_pt2e(prepared, fold_quantize=False)
+        lt.convert(converted, (x1,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(out))
+    return out
+
+
+def _cpu_flags() -> Optional[list[str]]:
+    """The SIMD extensions XNNPACK's int8 kernels dispatch on; None where /proc/cpuinfo is unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith(("flags", "Features"))), [])
+    return sorted(f for f in set(flags) if f in ("avx2", "avx_vnni", "asimddp", "i8mm") or f.startswith("avx512"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
