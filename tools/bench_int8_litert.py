@@ -21,7 +21,6 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from rescompress.export.tflite import (
 )
 from rescompress.models import build_model
 
-REFERENCE = "int8-litert_torch-PT2EQuantizer"
+REFERENCE = "int8-litert_torch"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         med = float(np.median(p50s[name]))
         rows.append({"model": name, "p50_ms_median_of_rounds": med, "p50_ms_rounds": p50s[name],
                      "p90_ms_median_of_rounds": float(np.median(p90s[name])), "p90_ms_rounds": p90s[name],
-                     "speedup_vs_fp32": fp32 / med, "size_bytes": path.stat().st_size,
+                     "quantization": _how(name), "speedup_vs_fp32": fp32 / med, "size_bytes": path.stat().st_size,
                      "all_int_lint": lint[name].to_dict() if name in lint else None})
     table = Table(title=f"{args.model} {args.size}x{args.size}, LiteRT (XNNPACK), batch 1, {args.threads} threads")
     for col in ("model", "p50 ms", "p90 ms", "speed-up vs fp32", "size MB", "all-int"):
@@ -129,7 +128,10 @@ def _litert_torch_reference(model: torch.nn.Module, calib: list[torch.Tensor], o
     """litert-torch's documented PT2E flow: its own quantizer, weights left as float -> quantize -> dequantize
     (fold_quantize=False) for the converter to fold."""
     lt = _litert_torch()
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -144,11 +146,23 @@ def _litert_torch_reference(model: torch.nn.Module, calib: list[torch.Tensor], o
                 for image in batch.split(1):
                     prepared(image)
         converted = convert_pt2e(prepared, fold_quantize=False)
+        # captured from the eval model, the graph already computes in eval form; only the flag the
+        # converter warns on is left set (exported models refuse .eval())
+        for m in converted.modules():
+            m.training = False
         lt.convert(converted, (x1,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(out))
     return out
 
 
-def _cpu_flags() -> Optional[list[str]]:
+def _how(name: str) -> str:
+    if name == "fp32":
+        return "none"
+    if name == REFERENCE:
+        return "PTQ, litert_torch PT2EQuantizer (symmetric, per-channel, static)"
+    return f"PTQ, rescompress ResNetQuantizer scheme {name.removeprefix('int8-')}"
+
+
+def _cpu_flags() -> list[str] | None:
     """The SIMD extensions XNNPACK's int8 kernels dispatch on; None where /proc/cpuinfo is unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="ignore")
