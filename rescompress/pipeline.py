@@ -330,16 +330,18 @@ class Runner:
             if target in art.lint_checked:
                 continue
             try:
-                result = lint_file(art.path, target)
+                art.add_lint(lint_file(art.path, target))
             except Exception as exc:  # a lint crash must not cost the run its artifacts
                 why = escape(f"{type(exc).__name__}: {exc}")
                 self.console.print(f"[yellow]lint {target} of {art.name} failed: {why}[/yellow]")
-                continue
-            art.add_lint(result)
-            colour = "green" if result.passed else "red"
-            self.console.print(f"  [{colour}]lint[/{colour}] {escape(result.summary())}")
-            for finding in result.errors[:5]:
-                self.console.print(f"    {escape(finding.line())}", soft_wrap=True)
+        for target, checked in art.lint_checked.items():  # the exporter's own lint included
+            colour = "green" if checked["passed"] else "red"
+            verdict = "passes" if checked["passed"] else "FAILS"
+            self.console.print(f"  [{colour}]lint {target} {verdict}[/{colour}]: {checked['errors']} error(s), "
+                               f"{checked['warnings']} warning(s) ({escape(checked['checked'])})")
+            for f in [f for f in art.lint if f["target"] == target and f["severity"] == "error"][:5]:
+                fix = f"  fix: {f['fix']}" if f.get("fix") else ""
+                self.console.print("    " + escape(f"{f['rule']} [{f['node']}]: {f['message']}{fix}"), soft_wrap=True)
 
     def index(self, artifacts: list) -> dict:
         """Path, hash and status of every artifact, for the manifest."""

@@ -177,9 +177,10 @@ def test_onnxruntime_qoperator_format_fails(fp32_onnx, digits_small, tmp_path):
     assert "QuantFormat.QDQ" in qlinear[0].fix
 
 
-def test_weight_dequantize_without_axis_fails(trt_onnx, tmp_path):
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_weight_dequantize_without_axis_fails(trt_onnx, tmp_path, op):
     proto = onnx.load(str(trt_onnx))
-    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    conv = next(n for n in proto.graph.node if n.op_type == op)
     dq = _producer(proto, conv.input[1])
     assert dq.op_type == "DequantizeLinear"
 
@@ -191,7 +192,8 @@ def test_weight_dequantize_without_axis_fails(trt_onnx, tmp_path):
 
     result = _actionable(lint_file(_edited(trt_onnx, tmp_path / "noaxis.onnx", drop_axis), "tensorrt"))
     axis = [f for f in result.errors if f.rule == "trt-weight-axis"]
-    assert len(axis) == 1 and dq.name in axis[0].node and "axis=0" in axis[0].fix
+    assert len(axis) == 1 and dq.name in axis[0].node and "axis" in axis[0].fix
+    assert op == "Gemm" or "axis=0" in axis[0].fix
     assert _rules(result) == {"trt-weight-axis"}
 
 

@@ -277,7 +277,14 @@ def _weight_rules(n, label: str, op, scale, axis_given: bool, g: _Graph) -> Iter
     shape = list(w.shape) if w is not None else g.shapes.get(wname)
     out_channels = shape[0] if shape else None
     if op.op_type in ("Gemm", "MatMul"):
-        return  # fully connected weights: per-tensor or per-channel both build
+        # fully connected weights build per tensor or per channel, but a per-channel scale must say its axis
+        axis = _attr(n, "axis", 1)
+        if scale.size > 1 and shape and len(shape) > axis and scale.size != shape[axis]:
+            yield Finding("trt-weight-axis", "error", label,
+                          f"{scale.size} weight scales on axis {axis}{'' if axis_given else ' (the default)'} of a "
+                          f"{'x'.join(map(str, shape))} weight of {_label(op)}: the graph is invalid",
+                          "set the axis attribute to the dimension that has one scale per channel")
+        return
     if scale.size > 1:
         if not axis_given:
             yield Finding("trt-weight-axis", "error", label,
