@@ -34,9 +34,9 @@ from rescompress.data import InputSpec
 from rescompress.export.lint import lint_file
 from rescompress.export.tflite import (
     TFLiteConfig,
-    _litert_torch,
-    _quiet,
-    _version,
+    dist_version,
+    litert_torch_module,
+    quiet_converter,
     export_tflite,
     litert_version,
     tflite_runner,
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "size": args.size, "threads": args.threads, "runs": args.runs,
               "rounds": args.rounds, "results": rows, "cpu_flags": _cpu_flags(),
               "provenance": {**provenance(), "ai_edge_litert": litert_version(),
-                             "litert_torch": _version("litert-torch")}}
+                             "litert_torch": dist_version("litert-torch")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     console.print(f"wrote {args.out}")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 def _litert_torch_reference(model: torch.nn.Module, calib: list[torch.Tensor], out: Path) -> Path:
     """litert-torch's documented PT2E flow: its own quantizer, weights left as float -> quantize -> dequantize
     (fold_quantize=False) for the converter to fold."""
-    lt = _litert_torch()
+    lt = litert_torch_module()
     from litert_torch.quantize.pt2e_quantizer import (
         PT2EQuantizer,
         get_symmetric_quantization_config,
@@ -138,7 +138,7 @@ def _litert_torch_reference(model: torch.nn.Module, calib: list[torch.Tensor], o
     # a static-shape capture: batch 1 is what the converted model takes, so calibration goes image by image
     x1 = calib[0][:1]
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
-    with _quiet():
+    with quiet_converter():
         gm = torch.export.export(model.eval(), (x1,), strict=True).module()
         prepared = prepare_pt2e(gm, quantizer)
         with torch.no_grad():

@@ -65,7 +65,7 @@ def require(module: str, extra: str, what: str):
 
 
 def litert_version() -> str:
-    return _version("ai-edge-litert")
+    return dist_version("ai-edge-litert")
 
 
 def litert_interpreter(path: Path, threads: Optional[int] = None, *, delegates: bool = True):
@@ -89,10 +89,11 @@ def export_tflite(model, example, cfg: TFLiteConfig, out_path: Path, *, spec, fr
     if cfg.converter == "litert_torch":
         convert = _litert_torch_int8 if cfg.precision == "int8" else _litert_torch_float
         atomic_write(out_path, lambda tmp: convert(model, example[:1], cfg, tmp, details))
-        details["converter_version"] = _version("litert-torch")
+        details["converter_version"] = dist_version("litert-torch")
     else:
         atomic_write(out_path, lambda tmp: _onnx2tf(model, example[:1], cfg, tmp, details, calibration))
-        details["converter_version"] = f"onnx2tf {_version('onnx2tf')}, tensorflow {_version('tensorflow-cpu')}"
+        details["converter_version"] = (f"onnx2tf {dist_version('onnx2tf')}, "
+                                        f"tensorflow {dist_version('tensorflow-cpu')}")
     if spec is not None and cfg.layout == "nhwc":
         spec = dataclasses.replace(spec, layout="NHWC")  # what the file takes; the runner still takes NCHW
     return Artifact(name=f"tflite-{cfg.precision}{cfg.name_suffix}", target="tflite", precision=cfg.precision,
@@ -101,7 +102,7 @@ def export_tflite(model, example, cfg: TFLiteConfig, out_path: Path, *, spec, fr
                     details=details)
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -110,7 +111,7 @@ def _version(dist: str) -> str:
         return "?"
 
 
-def _litert_torch():
+def litert_torch_module():
     lt = require("litert_torch", "tflite", "the tflite target (converter litert_torch)")
     logging.getLogger("litert_torch").setLevel(logging.ERROR)
     return lt
@@ -129,8 +130,8 @@ def _litert_torch_float(model, example, cfg: TFLiteConfig, tmp: Path, details: d
 
     if is_quantized(model):
         raise ValueError("a float tflite export needs a float model, got the int8 PT2E model")
-    lt = _litert_torch()
-    with _quiet():
+    lt = litert_torch_module()
+    with quiet_converter():
         edge = lt.convert(_channel_last(lt, model.eval(), cfg), (_sample(example, cfg),))
         if cfg.precision == "fp32":
             edge.export(str(tmp))
@@ -161,7 +162,7 @@ def _litert_torch_int8(model, example, cfg: TFLiteConfig, tmp: Path, details: di
     if not is_quantized(model):
         raise ValueError("a tflite int8 export with litert_torch needs the int8 model a qat or ptq stage "
                          "produces (or converter: onnx2tf, which quantizes after training)")
-    lt = _litert_torch()
+    lt = litert_torch_module()
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
 
@@ -169,7 +170,7 @@ def _litert_torch_int8(model, example, cfg: TFLiteConfig, tmp: Path, details: di
     # kernels; the graph's own scales and zero points (QAT's or calibration's) are the ones converted.
     marker = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     static = QuantConfig(pt2e_quantizer=marker)
-    with _quiet():
+    with quiet_converter():
         edge = lt.convert(_channel_last(lt, unfold_int8_weights(model), cfg), (_sample(example, cfg),),
                           quant_config=static)
         edge.export(str(tmp))
@@ -207,7 +208,7 @@ def _onnx2tf(model, example, cfg: TFLiteConfig, tmp: Path, details: dict,
                           np.ones(stats, np.float32)]]}
             details["quantization"] = (f"post-training, calibrated on {len(images)} training images; "
                                        f"the QAT parameters are not used")
-        with _quiet():
+        with quiet_converter():
             onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(work / "tf"),
                             keep_ncw_or_nchw_or_ncdhw_input_names=["input"] if cfg.layout == "nchw" else None,
                             copy_onnx_input_output_names_to_tflite=True, non_verbose=True, verbosity="error",
@@ -221,7 +222,7 @@ def _onnx2tf(model, example, cfg: TFLiteConfig, tmp: Path, details: dict,
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_converter():
     """The converters print progress trees and TensorFlow banners; a run's log keeps rescompress's lines."""
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), warnings.catch_warnings():
