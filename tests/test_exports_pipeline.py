@@ -45,7 +45,8 @@ def test_scheme_follows_the_first_device_when_unset():
 def test_missing_backend_fails_at_plan_time_naming_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx2tf" else real(name, *a))
-    with pytest.raises(BackendMissingError, match=r"export\[0\] tflite-fp32 needs onnx2tf.*rescompress\[tensorflow\]"):
+    with pytest.raises(BackendMissingError,
+                       match=r"export\[0\] tflite-fp32-onnx2tf needs onnx2tf.*rescompress\[tensorflow\]"):
         check_exports(_recipe([], [{"tflite": {"converter": "onnx2tf"}}]), [])
 
 

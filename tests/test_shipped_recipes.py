@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from rescompress.data.sources import FASHION_MNIST_ROOT
+from rescompress.export import TARGETS
 from rescompress.pipeline import make_plan
 from rescompress.recipe import load_recipe
 
@@ -28,5 +29,7 @@ def test_shipped_recipe_plans(path):
     plan = make_plan(recipe, source=path)
     kinds = [s.kind for s in recipe.stages]
     assert kinds[:3] == ["prune", "distill", "qat"], kinds
-    assert {e.config.precision for e in recipe.export} == {"fp32", "int8"}
+    assert {"fp32", "int8"} <= {e.config.precision for e in recipe.export}
     assert plan.devices
+    device_runtimes = {r for d in plan.devices for r in d.runtimes}
+    assert {TARGETS.get(e.target).runtime for e in recipe.export} <= device_runtimes, "an export no device runs"

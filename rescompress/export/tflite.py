@@ -277,7 +277,9 @@ def unfold_int8_weights(gm):
     qd = torch.ops.quantized_decomposed
     pairs = {qd.dequantize_per_channel.default: qd.quantize_per_channel.default,
              qd.dequantize_per_tensor.default: qd.quantize_per_tensor.default}
-    gm = copy.deepcopy(gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation, raised while copying
+        gm = copy.deepcopy(gm)
     graph = gm.graph
     for i, node in enumerate(list(graph.nodes)):
         if node.op != "call_function" or node.target not in pairs or node.args[0].op != "get_attr":
