@@ -1,7 +1,8 @@
 """Export targets. Each module registers a `TargetSpec`: its config class, what it supports, and
-`export(model, example, cfg, out_path, *, spec, from_stage, devices) -> Artifact`, where `out_path` ends in
-the target's `suffix` and `devices` are the recipe's device profiles. Heavy backends are imported inside
-`export`, and a missing one raises a `BackendMissingError` naming the extra that installs it."""
+`export(model, example, cfg, out_path, *, spec, from_stage, devices, calibration) -> Artifact`, where
+`out_path` ends in the target's `suffix`, `devices` are the recipe's device profiles and `calibration(n)`
+returns n normalised training images (for converters that quantize after training). Heavy backends are
+imported inside `export`, and a missing one raises a `BackendMissingError` naming the extra to install."""
 
 from __future__ import annotations
 
