@@ -3,6 +3,7 @@ training anything."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ def test_shipped_recipe_plans(path):
     if data["data"]["name"] == "fashion_mnist" and not Path(FASHION_MNIST_ROOT).is_dir():
         pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST_ROOT} (make fashion-mnist)")
     recipe = load_recipe(path)
+    for entry in recipe.export:
+        needed = TARGETS.get(entry.target).requires(entry.config)
+        if needed and importlib.util.find_spec(needed[0]) is None:
+            pytest.skip(f"{entry.name} needs the '{needed[1]}' extra: pip install 'rescompress[{needed[1]}]'")
     plan = make_plan(recipe, source=path)
     kinds = [s.kind for s in recipe.stages]
     assert kinds[:3] == ["prune", "distill", "qat"], kinds
