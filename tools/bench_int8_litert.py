@@ -16,7 +16,6 @@ int8 may be no faster than fp32. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -27,10 +26,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from rescompress.bench.int8 import bench_model, int8_bench_args
 from rescompress.bench.latency import measure_latency, provenance
 from rescompress.compress import pt2e
 from rescompress.compress.schemes import ResNetQuantizer
-from rescompress.data import InputSpec
 from rescompress.export.lint import lint_file
 from rescompress.export.tflite import (
     TFLiteConfig,
@@ -41,36 +40,21 @@ from rescompress.export.tflite import (
     litert_version,
     tflite_runner,
 )
-from rescompress.models import build_model
 
 REFERENCE = "int8-litert_torch"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet18")
-    ap.add_argument("--size", type=int, default=224)
     # scheme onnxruntime's uint8 activations have no LiteRT int8 form
-    ap.add_argument("--schemes", default="tflite,tensorrt", help="comma-separated int8 schemes to compare")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=50, help="timed runs per model per round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=Path("bench/int8_litert.json"))
-    args = ap.parse_args(argv)
+    args = int8_bench_args(__doc__.splitlines()[0], "tflite,tensorrt", "bench/int8_litert.json", argv)
     console = Console(stderr=True)
 
-    torch.manual_seed(0)
-    model = build_model(args.model, num_classes=1000 if args.size >= 96 else 10, in_channels=3,
-                        small_input=args.size < 96).eval()
-    spec = InputSpec(channels=3, height=args.size, width=args.size, mean=(0.0,) * 3, std=(1.0,) * 3)
-    example = torch.zeros(2, 3, args.size, args.size)
+    bench = bench_model(args.model, args.size)
+    model, spec, example, calib = bench.model, bench.spec, bench.example, bench.calibration
     work = Path(tempfile.mkdtemp(prefix="rescompress-bench-"))
     console.print("converting fp32 ...")
     paths = {"fp32": export_tflite(model, example, TFLiteConfig(), work / "fp32.tflite", spec=spec,
                                    from_stage="").path}
-    g = torch.Generator().manual_seed(0)
-    calib = [torch.randn(4, 3, args.size, args.size, generator=g) for _ in range(4)]
     for scheme in args.schemes.split(","):
         console.print(f"quantizing ({scheme}) ...")
         prepared = pt2e.prepare(model, example, ResNetQuantizer(scheme, qat=False), qat=False)

@@ -12,47 +12,30 @@ noise hits all of them alike; the figure to read is the ratio of medians. Prints
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
 
+from rescompress.bench.int8 import bench_model, int8_bench_args
 from rescompress.bench.latency import measure_latency, provenance
 from rescompress.compress import pt2e
 from rescompress.compress.schemes import SCHEMES, ResNetQuantizer
-from rescompress.data import InputSpec
 from rescompress.export.onnx import OnnxConfig, export_onnx, ort_runner
-from rescompress.models import build_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet18")
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated int8 schemes to compare")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=50, help="timed runs per model per round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=Path("bench/int8_onnxruntime.json"))
-    args = ap.parse_args(argv)
+    args = int8_bench_args(__doc__.splitlines()[0], ",".join(SCHEMES), "bench/int8_onnxruntime.json", argv)
     console = Console(stderr=True)
 
-    torch.manual_seed(0)
-    model = build_model(args.model, num_classes=1000 if args.size >= 96 else 10, in_channels=3,
-                        small_input=args.size < 96).eval()
-    spec = InputSpec(channels=3, height=args.size, width=args.size, mean=(0.0,) * 3, std=(1.0,) * 3)
-    example = torch.zeros(2, 3, args.size, args.size)
+    bench = bench_model(args.model, args.size)
+    model, spec, example, calib = bench.model, bench.spec, bench.example, bench.calibration
     work = Path(tempfile.mkdtemp(prefix="rescompress-bench-"))
     paths = {"fp32": export_onnx(model, example, OnnxConfig(), work / "fp32.onnx", spec=spec, from_stage="").path}
-    g = torch.Generator().manual_seed(0)
-    calib = [torch.randn(4, 3, args.size, args.size, generator=g) for _ in range(4)]
     for scheme in args.schemes.split(","):
         console.print(f"quantizing ({scheme}) ...")
         prepared = pt2e.prepare(model, example, ResNetQuantizer(scheme, qat=False), qat=False)
