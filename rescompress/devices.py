@@ -1,4 +1,10 @@
-"""Device profiles: one YAML file per device under `devices/` (or a path given in the recipe)."""
+"""Device profiles: one YAML file per device under `devices/` (or a path given in the recipe).
+
+A profile says what the device runs (runtimes and their precisions, on which compute unit), what its
+hardware can do (peak operations per second per precision, memory bandwidth), what has been published
+about it (reference latencies with their sources, which calibrate the latency estimate or check it), how
+to reach it (ssh, adb) and how it reports its power mode.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +12,157 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rescompress.errors import RecipeError, UnknownNameError
 from rescompress.registry import suggest
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "devices"
 
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 
-class DeviceProfile(BaseModel):
+
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ComputeUnit(Strict):
+    """One processor the device's runtimes run on (a GPU, the CPU cluster, an NPU)."""
+    description: str = ""
+    peak_tops: dict[Precision, float] = Field(
+        ..., description="dense peak, in tera-operations per second (1 multiply-accumulate = 2 operations), "
+                         "per precision; sparse figures are halved")
+    memory_gbps: float = Field(..., gt=0, description="memory bandwidth, GB/s")
+    source: str = Field("", description="where the peak figures come from")
+
+    @field_validator("peak_tops")
+    @classmethod
+    def _positive(cls, value: dict) -> dict:
+        if not value:
+            raise ValueError("give at least one precision's peak, e.g. {fp32: 5.3}")
+        for precision, tops in value.items():
+            if not tops > 0:
+                raise ValueError(f"peak_tops.{precision} must be > 0, got {tops}")
+        return value
+
+
+class RuntimeSupport(Strict):
+    """A runtime on the device: the precisions it runs and the compute unit it runs them on."""
+    precisions: list[Precision] = list(PRECISIONS)
+    unit: Optional[str] = Field(None, description="a key of `compute`; without one, latency cannot be estimated")
+    estimate_group: Optional[str] = Field(
+        None, description="profiles whose runtimes share a group pool their published figures to calibrate "
+                          "one estimate (same kind of hardware and software, e.g. orin-gpu-tensorrt)")
+
+
+class PublishedLatency(Strict):
+    """A latency someone published for a reference model on this device."""
+    model: str = Field(..., description="a registry model name, e.g. resnet50")
+    input_size: int = Field(224, gt=0)
+    num_classes: int = Field(1000, gt=0)
+    batch: int = Field(1, gt=0)
+    runtime: str
+    precision: Precision
+    latency_ms: float = Field(..., gt=0)
+    statistic: Literal["p50", "p90", "mean"] = Field(
+        "mean", description="what the figure is: MLPerf SingleStream reports the 90th percentile")
+    use: Literal["calibrate", "holdout"] = Field(
+        ..., description="calibrate: fits the estimate; holdout: never fitted, only checks the estimate")
+    source: str = Field(..., min_length=3, description="who published it, where, and when")
+    url: Optional[str] = None
+    note: str = ""
+
+
+class SSHConnection(Strict):
+    host: str
+    user: Optional[str] = None
+    port: int = Field(22, gt=0, lt=65536)
+    key: Optional[str] = Field(None, description="private key file; default: ssh's own choice")
+    known_hosts: Optional[str] = Field(
+        None, description="known_hosts file holding the device's host key (default ~/.ssh/known_hosts); "
+                          "an unknown or changed host key is refused, never accepted blindly")
+    python: str = Field("python3", description="the device's Python, which runs tools/remote_runner.py")
+    workdir: str = Field("/tmp", description="where a temporary directory for the artifact is made")
+    connect_timeout_s: int = Field(10, gt=0)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+
+class ADBConnection(Strict):
+    serial: str
+    workdir: str = "/data/local/tmp"
+
+
+class Connection(Strict):
+    ssh: Optional[SSHConnection] = None
+    adb: Optional[ADBConnection] = None
+
+
+class DeviceProfile(Strict):
     name: str
     description: str = ""
-    latency_source: Literal["measured", "none"] = Field(
-        "measured", description="how latency is obtained: measured on this host in the artifact's runtime, "
-                                "or none (accuracy only, until the device can be reached or estimated)")
-    runtimes: list[str] = ["torch", "onnxruntime"]
+    latency_source: Literal["auto", "measured", "measured-remote", "estimated", "none"] = Field(
+        "auto", description="measured: on this host, in the artifact's runtime; measured-remote: on the device "
+                            "over its connection; estimated: roofline calibrated on published figures; none: "
+                            "accuracy only; auto: measured-remote with a connection, else estimated where the "
+                            "runtime can be estimated, else none")
+    runtimes: dict[str, RuntimeSupport] = Field(default_factory=lambda: {"torch": RuntimeSupport(),
+                                                                         "onnxruntime": RuntimeSupport()})
+    compute: dict[str, ComputeUnit] = {}
+    published: list[PublishedLatency] = []
+    connection: Optional[Connection] = None
+    power_mode_command: Optional[str] = Field(None, description="prints the power mode, e.g. `nvpmodel -q`")
     int8_scheme: Optional[Literal["tensorrt", "onnxruntime", "tflite"]] = Field(
         None, description="the int8 layout its runtime runs fast; the default scheme of qat/ptq stages")
     threads: Optional[int] = Field(None, gt=0, description="default: the recipe's report.latency.threads")
     trtexec: str = Field("trtexec", description="trtexec on the device, for the engine build command of a deferred "
-                                                "tensorrt export (JetPack: /usr/src/tensorrt/bin/trtexec)")
+                                                "tensorrt export and for remote runs (JetPack: /usr/src/tensorrt/bin/trtexec)")
+
+    @field_validator("runtimes", mode="before")
+    @classmethod
+    def _runtime_list(cls, value: object) -> object:
+        """`runtimes: [tensorrt, onnxruntime]` is short for each runtime with every precision, no unit."""
+        if isinstance(value, list):
+            return {name: {} for name in value}
+        return {k: ({} if v is None else v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _references(self) -> "DeviceProfile":
+        for name, rt in self.runtimes.items():
+            if rt.unit is not None and rt.unit not in self.compute:
+                raise ValueError(f"runtimes.{name}.unit '{rt.unit}' is not a key of compute "
+                                 f"({', '.join(self.compute) or 'none defined'})")
+            if rt.unit is not None:
+                missing = [p for p in rt.precisions if p not in self.compute[rt.unit].peak_tops]
+                if missing:
+                    raise ValueError(f"runtimes.{name} runs {', '.join(missing)} on unit '{rt.unit}', "
+                                     f"whose peak_tops has no figure for it")
+        for i, fig in enumerate(self.published):
+            if fig.runtime not in self.runtimes:
+                raise ValueError(f"published[{i}].runtime '{fig.runtime}' is not one of runtimes "
+                                 f"({', '.join(self.runtimes)})")
+        if self.latency_source == "measured-remote" and not (self.connection and self.connection.ssh):
+            raise ValueError("latency_source measured-remote needs connection.ssh")
+        return self
+
+    @property
+    def ssh(self) -> Optional[SSHConnection]:
+        return self.connection.ssh if self.connection else None
+
+    def precisions(self, runtime: str) -> list[str]:
+        return list(self.runtimes[runtime].precisions) if runtime in self.runtimes else []
+
+    def latency_plan(self, runtime: str) -> str:
+        """How latency of an artifact running on `runtime` is obtained on this device."""
+        if self.latency_source != "auto":
+            return self.latency_source
+        if self.ssh is not None:
+            return "measured-remote"
+        rt = self.runtimes.get(runtime)
+        return "estimated" if rt is not None and rt.unit is not None and rt.estimate_group else "none"
 
 
 def search_dirs() -> list[Path]:
@@ -62,3 +198,16 @@ def load_device(name_or_path: str) -> DeviceProfile:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise RecipeError(f"{path}: {loc}: {first['msg']}") from None
+
+
+def group_figures(group: str, devices: Optional[list[DeviceProfile]] = None) -> list[tuple[DeviceProfile, PublishedLatency]]:
+    """Every published figure, from every known profile, for a runtime in estimate group `group`."""
+    if devices is None:
+        devices = [load_device(str(p)) for p in available_devices().values()]
+    out = []
+    for dev in devices:
+        for fig in dev.published:
+            rt = dev.runtimes.get(fig.runtime)
+            if rt is not None and rt.estimate_group == group:
+                out.append((dev, fig))
+    return out

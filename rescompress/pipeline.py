@@ -8,12 +8,13 @@ with its checkpoint and content hash, so `resume` continues after the last finis
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from rich.console import Console
 
@@ -310,6 +311,14 @@ class Runner:
             artifacts.append(art)
         return artifacts
 
+    def layer_table(self, model: Any) -> list:
+        """Per-layer MACs and bytes of the float model the exports come from (int8 keeps its structure),
+        at the latency batch: what latency estimates are computed from."""
+        from rescompress.bench.estimate import layer_table
+
+        step, source = self.export_sources(model)["fp32"]
+        return layer_table(source, self._example(self.recipe.report.latency.batch))
+
     def _calibration(self, n: int):
         """`n` shuffled training images, normalised NCHW float32: what post-training converters calibrate on."""
         import numpy as np
@@ -362,8 +371,10 @@ class Runner:
                         input_spec=self.data.input_spec, runtime="", status="failed", from_stage=from_stage,
                         message=f"{type(exc).__name__}: {first} (traceback: {log.relative_to(self.run_dir)})")
 
-    def measure(self, artifacts: list, baseline_top1: float) -> tuple[list[dict], list[dict]]:
-        """Accuracy and parity of every artifact in its own runtime, then latency per device."""
+    def measure(self, artifacts: list, baseline_top1: float, layers: Callable[[], Any]) -> tuple[list[dict], list[dict]]:
+        """Accuracy and parity of every artifact in its own runtime, then latency per device (measured here,
+        on the device over ssh, or estimated from `layers`, the float model's layer table)."""
+        from rescompress.bench.device_latency import DeviceLatency, latency_input
         from rescompress.bench.latency import measure_latency
         from rescompress.export.artifact import parity, top1
         from rescompress.train import progress_bar
@@ -389,42 +400,59 @@ class Runner:
             self.console.print(f"  {art.name:<12} {acc} on {art.runtime}{par}")
 
         lat = self.recipe.report.latency
-        x_lat = x_test[: lat.batch] if len(x_test) >= lat.batch else x_test[:1].repeat(lat.batch, axis=0)
+        x_lat = latency_input(x_test, lat.batch)
         devices = []
         for device in self.plan.devices:
             threads = device.threads or lat.threads
             results = []
             with progress_bar(self.console) as progress:
+
+                def measure_here(art: Any) -> dict:
+                    task = progress.add_task(f"{device.name}: {art.name}", total=lat.runs, info="")
+                    stats = measure_latency(art.runner(threads), x_lat, warmup=lat.warmup, runs=lat.runs,
+                                            threads=threads, progress=lambda: progress.advance(task))
+                    art.release()
+                    progress.remove_task(task)
+                    return stats.to_dict()
+
+                source = DeviceLatency(device, batch=lat.batch, warmup=lat.warmup, runs=lat.runs, threads=threads,
+                                       layers=layers, measure_here=measure_here)
                 for art, row in zip(artifacts, art_rows):
-                    if not runs_on(art, device):
-                        continue
-                    res = {"artifact": art.name, "runtime": art.runtime.split()[0], "top1": row.get("top1"),
-                           "delta_top1_pt": None if row.get("top1") is None else round((row["top1"] - baseline_top1) * 100, 3),
-                           "size_bytes": row["size_bytes"], "latency": None, "status": art.status, "message": art.message}
-                    if art.status == "deferred":
-                        command = art.details.get("build_commands", {}).get(device.name)
-                        if command:
-                            res["message"] = f"engine build deferred: on {device.name} run: {command}"
-                    elif art.status == "ok" and art.accuracy_only:
-                        res["message"] = f"latency not measured: {art.accuracy_only}"
-                    elif art.status == "ok" and device.latency_source == "none":
-                        res["message"] = (f"latency not measured: {device.name} has no connection or estimate "
-                                          f"configured (top-1 is from {res['runtime']} on this host)")
-                    elif art.status == "ok":
-                        task = progress.add_task(f"{device.name}: {art.name}", total=lat.runs, info="")
-                        fn = art.runner(threads)
-                        stats = measure_latency(fn, x_lat, warmup=lat.warmup, runs=lat.runs, threads=threads,
-                                                progress=lambda: progress.advance(task))
-                        art.release()
-                        progress.remove_task(task)
-                        res["latency"] = stats.to_dict()
-                        self.console.print(f"  {device.name}: {art.name:<12} p50 {stats.p50_ms:.3f} ms  "
-                                           f"p90 {stats.p90_ms:.3f} ms  (measured, {stats.threads} threads)")
-                    results.append(res)
+                    if runs_on(art, device):
+                        results.append(self._device_result(device, art, row, source, baseline_top1))
             devices.append({"name": device.name, "description": device.description,
                             "accuracy_budget_pt": self.recipe.report.accuracy_budget_pt, "results": results,
-                            "recommendation": recommend(results, self.recipe.report.accuracy_budget_pt)})
+                            "recommendation": recommend(results, self.recipe.report.accuracy_budget_pt),
+                            "provenance": source.provenance()})
         return art_rows, devices
+
+    def _device_result(self, device: DeviceProfile, art: Any, row: dict, source: Any, baseline_top1: float) -> dict:
+        """One artifact on one device: top-1 (with where it was measured), size, and latency with its source."""
+        from rich.markup import escape
+
+        res = {"artifact": art.name, "runtime": source.runtime_of(art), "top1": row.get("top1"),
+               "top1_source": f"{art.runtime} on this host" if row.get("top1") is not None else None,
+               "delta_top1_pt": None if row.get("top1") is None else round((row["top1"] - baseline_top1) * 100, 3),
+               "size_bytes": row["size_bytes"], "latency": None, "status": art.status, "message": art.message}
+        if art.status in ("failed", "skipped"):
+            return res
+        taken = source.take(art)
+        res["latency"] = taken.latency
+        if taken.remote_status is not None:
+            res["remote_status"] = taken.remote_status
+        notes = [taken.message] if taken.message else []
+        if art.status == "deferred":
+            command = art.details.get("build_commands", {}).get(device.name)
+            notes.append(f"engine build deferred: on {device.name} run: {command}" if command else art.message)
+        res["message"] = "; ".join(n for n in notes if n)
+        lat = taken.latency
+        if lat is not None:
+            self.console.print(f"  {device.name}: {art.name:<14} p50 {lat['p50_ms']:.3f} ms"
+                               + (f"  p90 {lat['p90_ms']:.3f} ms" if lat.get("p90_ms") is not None else "")
+                               + f"  ({lat['source']})")
+        elif taken.remote_status not in (None, "ok"):
+            self.console.print(f"  [yellow]{device.name}: {art.name}: {escape(taken.message)}[/yellow]", soft_wrap=True)
+        return res
 
     def report(self, art_rows: list[dict], devices: list[dict]) -> dict:
         from rescompress.bench.latency import provenance
@@ -467,10 +495,14 @@ def lint_targets(art: Any, devices: list[DeviceProfile]) -> list[str]:
 
 
 def runs_on(art: Any, device: DeviceProfile) -> bool:
-    """Whether the device runs the artifact's runtime (the torch references are listed everywhere)."""
+    """Whether the device runs the artifact's runtime at its precision (the torch references are listed
+    everywhere, as accuracy references)."""
     from rescompress.export import TARGETS
 
-    return art.target == "torch" or TARGETS.get(art.target).runtime in device.runtimes
+    if art.target == "torch":
+        return True
+    runtime = TARGETS.get(art.target).runtime
+    return runtime in device.runtimes and art.precision in device.precisions(runtime)
 
 
 def recommend(results: list[dict], budget_pt: float) -> Optional[dict]:
@@ -499,7 +531,8 @@ def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> 
     artifacts = runner.export(model)
     manifest.mark("export", seconds=round(time.time() - t0, 2), artifacts=runner.index(artifacts))
     t0 = time.time()
-    art_rows, devices = runner.measure(artifacts, manifest.done("baseline")["record"]["top1"])
+    art_rows, devices = runner.measure(artifacts, manifest.done("baseline")["record"]["top1"],
+                                       layers=functools.cache(lambda: runner.layer_table(model)))
     manifest.mark("measure", seconds=round(time.time() - t0, 2))
     report = runner.report(art_rows, devices)
     manifest.mark("report")

@@ -40,9 +40,9 @@ def test_scheme_follows_the_first_device_when_unset(monkeypatch):
     real = importlib.util.find_spec  # the backends' presence is another check's business
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name in ("litert_torch", "onnx2tf") else real(name, *a))
-    devices = [load_device("pixel-8")]
-    check_exports(_recipe([{"qat": {}}], [{"tflite": {"precision": "int8"}}], ["pixel-8"]), devices)
-    check_exports(_recipe([], [{"tflite": {"precision": "int8", "converter": "onnx2tf"}}], ["pixel-8"]), devices)
+    devices = [load_device("galaxy-s24")]
+    check_exports(_recipe([{"qat": {}}], [{"tflite": {"precision": "int8"}}], ["galaxy-s24"]), devices)
+    check_exports(_recipe([], [{"tflite": {"precision": "int8", "converter": "onnx2tf"}}], ["galaxy-s24"]), devices)
 
 
 def test_missing_backend_fails_at_plan_time_naming_the_extra(monkeypatch):

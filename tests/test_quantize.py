@@ -85,7 +85,7 @@ def test_ptq_stage_records_random_calibration(trained_tiny, digits_small, tmp_pa
 
 
 def test_scheme_defaults_from_the_first_device(trained_tiny, digits_small, tmp_path):
-    ctx = make_ctx(digits_small, tmp_path / "w", trained_tiny, devices=["pixel-8", "host-cpu"])
+    ctx = make_ctx(digits_small, tmp_path / "w", trained_tiny, devices=["galaxy-s24", "host-cpu"])
     ptq(copy.deepcopy(trained_tiny), PTQConfig(calibration_batches=2), ctx)
     assert ctx.record["scheme"] == "tflite"
 

@@ -192,13 +192,13 @@ def test_write_report_rejects_invalid_before_writing(tmp_path: Path, report: dic
 
 def test_unfinished_run_and_unplottable_device_render(tmp_path: Path, report: dict[str, Any]) -> None:
     del report["run"]["finished"], report["run"]["seconds"]
-    report["devices"] = [{"name": "pixel-8", "results": [
+    report["devices"] = [{"name": "galaxy-s24", "results": [
         {"artifact": "tensorrt-int8", "status": "skipped", "latency": None}]}]
     paths = write_report(report, tmp_path)
     text = paths["md"].read_text(encoding="utf-8")
     assert "(unfinished)" in text
     assert "- **Recommendation:** none" in text
-    assert (tmp_path / "plots" / "accuracy_vs_latency_pixel-8.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (tmp_path / "plots" / "accuracy_vs_latency_galaxy-s24.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 # --- Markdown -------------------------------------------------------------------------------------

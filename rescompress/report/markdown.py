@@ -244,6 +244,16 @@ def _recommendations(report: Mapping[str, Any]) -> list[Block]:
     ]
 
 
+def _latency_label(latency: Mapping[str, Any]) -> str:
+    """The latency source, with where it came from: the remote host, or the estimate's calibration group."""
+    source = fmt_text(latency.get("source"))
+    if latency.get("source") == "measured-remote" and latency.get("host"):
+        return f"{source} ({latency['host']})"
+    if latency.get("source") == "estimated" and latency.get("group"):
+        return f"{source} ({latency['group']})"
+    return source
+
+
 def _device(device: Mapping[str, Any]) -> list[Block]:
     results = device["results"]
     front = pareto_front([latency_accuracy(r) for r in results])
@@ -252,8 +262,9 @@ def _device(device: Mapping[str, Any]) -> list[Block]:
         latency = r.get("latency") or {}
         rows.append([
             STAR if i in front else "", r["artifact"], fmt_text(r.get("runtime")), fmt_pct(r.get("top1")),
+            fmt_text(r.get("top1_source")) if r.get("top1") is not None else MISSING,
             fmt_pt(r.get("delta_top1_pt")), fmt_ms(latency.get("p50_ms")), fmt_ms(latency.get("p90_ms")),
-            fmt_ms(latency.get("p99_ms")), fmt_bytes(r.get("size_bytes")), fmt_text(latency.get("source")),
+            fmt_ms(latency.get("p99_ms")), fmt_bytes(r.get("size_bytes")), _latency_label(latency) if latency else MISSING,
             fmt_setup(latency), r["status"],
         ])
     intro = [fmt_text(device.get("description"))]
@@ -262,10 +273,12 @@ def _device(device: Mapping[str, Any]) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, f"Device: {device['name']}"),
         Paragraph(" · ".join(intro)),
-        Table(["Pareto", "Artifact", "Runtime", "Top-1 %", "Δ pt", "p50 ms", "p90 ms", "p99 ms", "Size",
-               "Latency source", "Setup", "Status"], rows, frozenset(range(3, 9))),
+        Table(["Pareto", "Artifact", "Runtime", "Top-1 %", "Top-1 measured on", "Δ pt", "p50 ms", "p90 ms",
+               "p99 ms", "Size", "Latency source", "Setup", "Status"], rows, frozenset({3, 5, 6, 7, 8, 9})),
         Paragraph(f"{STAR} on the accuracy-vs-latency Pareto front: no other result here is both at least "
-                  "as fast (p50) and at least as accurate. Δ pt is top-1 minus the baseline's torch top-1."),
+                  "as fast (p50) and at least as accurate. Δ pt is top-1 minus the baseline's torch top-1. "
+                  "Latency sources: measured (this host), measured-remote (on the device, over ssh), estimated "
+                  "(roofline calibrated on published figures; its error on held-out figures is below)."),
     ]
     messages = [f"{r['artifact']} ({r['status']}): {fmt_text(r.get('message'))}"
                 for r in results if r["status"] != "ok" or r.get("message")]
@@ -284,6 +297,33 @@ def _device(device: Mapping[str, Any]) -> list[Block]:
     else:
         blocks.append(Fields([("Recommendation", "none")]))
     blocks.append(Figure(device["name"], f"Accuracy vs p50 latency on {device['name']}"))
+    blocks += _device_provenance(device.get("provenance") or {})
+    return blocks
+
+
+def _device_provenance(provenance: Mapping[str, Any]) -> list[Block]:
+    """How this device's latencies were taken; for estimates, the calibration and its held-out error."""
+    if not provenance:
+        return []
+    items = [("Latency per runtime", ", ".join(f"{rt}: {how}" for rt, how in (provenance.get("latency") or {}).items()))]
+    if provenance.get("connection"):
+        items.append(("Connection", provenance["connection"]))
+    for key, value in (provenance.get("device") or {}).items():
+        items.append((f"Device {key}", fmt_text(value)))
+    if provenance.get("power_mode_command") and not (provenance.get("device") or {}).get("power_mode"):
+        items.append(("Power mode", f"not read (it is read by `{provenance['power_mode_command']}` on the device, "
+                                    f"over ssh)"))
+    blocks: list[Block] = [Heading(3, "Provenance"), Fields(items)]
+    for group, check in (provenance.get("estimates") or {}).items():
+        params = check.get("parameters") or {}
+        blocks.append(Paragraph(f"Estimate group {group}: "
+                                + ", ".join(f"{k} {v}" for k, v in params.items())))
+        rows = [[f["device"], f["model"], f["runtime"], f["precision"], f["use"], fmt_ms(f["published_ms"]),
+                 fmt_text(f.get("statistic")), fmt_ms(f["estimated_ms"]), f"{f['error_pct']:+.1f}", f["source"]]
+                for f in check.get("figures") or []]
+        if rows:
+            blocks.append(Table(["Device", "Model", "Runtime", "Precision", "Use", "Published ms", "Statistic",
+                                 "Estimated ms", "Error %", "Source"], rows, frozenset({5, 7, 8})))
     return blocks
 
 

@@ -52,14 +52,25 @@ Top level (all required):
   - `name` (str, unique); `description` (str, optional); `accuracy_budget_pt` (number, optional)
   - `results` (list): one object per artifact evaluated for this device:
     - `artifact` (str): an `artifacts[].name`; `runtime` (str, optional)
-    - `top1` (fraction, optional); `delta_top1_pt` (number, optional): top-1 minus the baseline's torch
-      top-1, in percentage points; `size_bytes` (number, optional)
+    - `top1` (fraction, optional); `top1_source` (str, optional): where that top-1 was measured, e.g.
+      "onnxruntime 1.31.1 on this host"; `delta_top1_pt` (number, optional): top-1 minus the baseline's
+      torch top-1, in percentage points; `size_bytes` (number, optional)
     - `latency` (object, optional; null with `status`/`message` saying why): `source` ("measured" |
       "measured-remote" | "estimated"); `p50_ms`, `p90_ms`, `p99_ms`, `mean_ms` (number, optional);
-      `batch`, `warmup`, `runs`, `threads` (int, optional); other keys (e.g. `power_mode`) are kept
+      `batch`, `warmup`, `runs`, `threads` (int, optional); other keys are kept, e.g. `power_mode`,
+      `runtime_version` and `host` (measured-remote), or `group`, `calibrated_on` and
+      `holdout_max_abs_error_pct` (estimated)
+    - `remote_status` (str, optional): the ssh measurement's outcome when one was tried ("ok" |
+      "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "timeout" | "failed")
     - `status` (str): "ok" | "deferred" | "failed" | "skipped"; `message` (str, optional)
   - `recommendation` (object, optional): `artifact` (str): one of this device's results;
     `reason` (str, optional), e.g. "fastest within 1.0 pt of the baseline"
+  - `provenance` (object, optional): `latency` (runtime -> "measured" | "measured-remote" | "estimated" |
+    "none"); `device` (object, optional): facts the device reported (python, runtime versions, power mode);
+    `connection` (str, optional): why the device could not be reached; `power_mode_command` (str, optional);
+    `estimates` (object, optional): estimate group -> `parameters` (object) and `figures` (list of
+    {device, model, runtime, precision, use: "calibrate" | "holdout", published_ms, estimated_ms,
+    error_pct, statistic, source})
 - `provenance` (object): versions and host facts, str -> str/number, e.g. `python`, `platform`,
   `processor`, `cpu_count`, `torch`, `onnxruntime`, `onnx`, `numpy`.
 """
@@ -204,6 +215,8 @@ def _check_result(c: _Checker, path: str, r: Mapping[str, Any], artifacts: set[s
     c.field(r, "runtime", "str", path, required=False)
     c.field(r, "message", "str", path, required=False)
     c.field(r, "top1", "fraction", path, required=False)
+    c.field(r, "top1_source", "str", path, required=False)
+    c.field(r, "remote_status", "str", path, required=False)
     c.field(r, "delta_top1_pt", "number", path, required=False)
     c.field(r, "size_bytes", "number", path, required=False)
     latency = c.field(r, "latency", "object", path, required=False)
@@ -271,6 +284,7 @@ def validate_report(report: Mapping[str, Any]) -> None:
         c.field(device, "name", "str", path)
         c.field(device, "description", "str", path, required=False)
         c.field(device, "accuracy_budget_pt", "number", path, required=False)
+        c.field(device, "provenance", "object", path, required=False)
         results = c.items(device, "results", path)
         for rpath, result in results:
             _check_result(c, rpath, result, artifact_names)
