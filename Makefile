@@ -6,7 +6,7 @@ EXTRAS ?= dev,inc,tflite,tensorflow
 comma  := ,
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup demo test fashion-mnist clean
+.PHONY: setup demo test fashion-mnist sshd clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 fashion-mnist:          # the Debian package the Fashion-MNIST recipes read (needs root or sudo)
 	bash tools/install_fashion_mnist.sh
+
+sshd:                   # openssh-server, for the remote-measurement tests' local sshd (needs root or sudo)
+	bash tools/install_openssh_server.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

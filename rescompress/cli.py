@@ -168,6 +168,57 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory holding rep
             console.print(f"{kind:<5} {path}")
 
 
+class BenchRuntime(str, Enum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tflite = "tflite"
+    tensorrt = "tensorrt"
+
+
+@app.command()
+def bench(
+    artifact: Path = typer.Argument(..., help="an exported model: .onnx, .tflite, or a TensorRT .engine/.plan"),
+    device: str = typer.Option("host-cpu", "--device", "-d", help="device profile name or YAML path"),
+    host: Optional[str] = typer.Option(None, "--host", help="user@addr: measure on this host over ssh (overrides the "
+                                                            "profile's connection; its host key must be known)"),
+    runtime: BenchRuntime = typer.Option(BenchRuntime.auto, "--runtime", help="default: from the file and the device"),
+    batch: int = typer.Option(1, "--batch", min=1),
+    warmup: int = typer.Option(20, "--warmup", min=0),
+    runs: int = typer.Option(200, "--runs", min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="default: the profile's, else the runtime's"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Measure one artifact's latency on a device: here, or on the device over ssh (p50/p90/p99, versions,
+    power mode). Exit 1 when the measurement failed (the status says why)."""
+    import json
+
+    from rich.markup import escape
+
+    from rescompress.bench.device_latency import bench_file
+
+    with user_errors():
+        result = bench_file(artifact, device, host=host, runtime=None if runtime is BenchRuntime.auto else runtime.value,
+                            batch=batch, warmup=warmup, runs=runs, threads=threads)
+    if as_json:
+        console.print_json(json.dumps(result))
+    elif result["status"] == "ok":
+        lat = result["latency"]
+        table = Table(title=f"{artifact.name} on {result['device']} ({result['runtime']}, {result['precision']})",
+                      title_justify="left")
+        for col in ("p50 ms", "p90 ms", "p99 ms", "source", "setup"):
+            table.add_column(col, justify="right" if col.endswith("ms") else "left")
+        setup = f"batch {lat['batch']} · {lat.get('threads') or 'default'} threads · {lat['warmup']} warm-up + {lat['runs']} runs"
+        table.add_row(f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
+                      lat["source"] + (f" ({lat['host']})" if lat.get("host") else ""), setup)
+        console.print(table)
+        for key, value in (result.get("device_facts") or {}).items():
+            console.print(f"{key:<16} {escape(str(value))}", soft_wrap=True)
+    else:
+        err_console.print(f"[bold red]{result['status']}:[/bold red] {escape(result['message'])}", soft_wrap=True)
+    if result["status"] != "ok":
+        raise typer.Exit(1)
+
+
 class LintTarget(str, Enum):
     tensorrt = "tensorrt"
     onnxruntime = "onnxruntime"

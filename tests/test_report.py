@@ -221,9 +221,9 @@ def test_markdown_tables(report: dict[str, Any]) -> None:
     assert stages[0] == ["baseline", "train", "98.10", "98.30", "272.5K", "40.8M", "1.1 MB", "61.0"]
     assert stages[1][3] == "—"
     artifacts = {row[0]: row for row in _table_rows(text, "## Artifacts")}
-    assert artifacts["onnx-fp32"][6:8] == ["2.1e-06 vs torch-fp32", "100.00"]
+    assert artifacts["onnx-fp32"][7:9] == ["2.1e-06 vs torch-fp32", "100.00"]
     assert artifacts["tensorrt-int8"][4] == "deferred"
-    assert artifacts["onnx-int8"][10] == "onnxruntime: passes; tensorrt: passes (1 warning)"
+    assert artifacts["onnx-int8"][11] == "onnxruntime: passes; tensorrt: passes (1 warning)"
     assert "tensorrt-int8 (deferred): engine build deferred: run `trtexec" in text
     assert "tflite-int8 (failed): litert-torch is not installed" in text
     assert "onnx-int8: [warning] tensorrt trt-add-qdq at /layer2/Add_1: residual Add input is not quantized (fix: quantize both Add inputs)" in text
@@ -235,14 +235,15 @@ def test_markdown_devices_star_recommendation(report: dict[str, Any]) -> None:
     host = {row[1]: row for row in _table_rows(text, "## Device: host-cpu")}
     # onnx-int8 is fastest, onnx-fp32 is as accurate as torch-fp32 and faster: those two are the front.
     assert [name for name, row in host.items() if row[0] == "★"] == ["onnx-fp32", "onnx-int8"]
-    assert host["onnx-int8"][3:10] == ["97.50", "-0.60", "0.137", "0.151", "0.205", "310.0 kB", "measured"]
-    assert host["onnx-int8"][10] == "batch 1 · 2 threads · 20 warm-up + 200 runs"
-    assert host["tflite-int8"][5:10] == ["—", "—", "—", "—", "—"]
+    assert host["onnx-int8"][3] == "97.50"
+    assert host["onnx-int8"][5:11] == ["-0.60", "0.137", "0.151", "0.205", "310.0 kB", "measured"]
+    assert host["onnx-int8"][11] == "batch 1 · 2 threads · 20 warm-up + 200 runs"
+    assert host["tflite-int8"][6:11] == ["—", "—", "—", "—", "—"]
     assert "- tflite-int8 (failed): artifact export failed" in text
     assert ("- **Recommendation:** onnx-int8: fastest within 1.0 pt of the baseline "
             "(top-1 97.50 %, p50 0.137 ms measured)") in text
     jetson = {row[1]: row for row in _table_rows(text, "## Device: jetson-orin-nano")}
-    assert jetson["onnx-int8"][9] == "measured-remote" and "power mode 15W" in jetson["onnx-int8"][10]
+    assert jetson["onnx-int8"][10] == "measured-remote" and "power mode 15W" in jetson["onnx-int8"][11]
     assert jetson["onnx-fp32"][0] == "★" and jetson["onnx-int8"][0] == ""
     recs = {row[0]: row for row in _table_rows(text, "## Recommendations")}
     assert recs["jetson-orin-nano"][1:6] == ["onnx-fp32", "98.10", "+0.00", "0.322", "estimated"]

@@ -11,6 +11,7 @@ the estimate where one exists, and the report says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -127,3 +128,64 @@ def estimate_check(group: str) -> dict:
 
     cal = calibrate(group)
     return {"parameters": cal.describe(), "figures": figure_errors(group)}
+
+
+SUFFIX_RUNTIMES = {".onnx": ("onnxruntime", "tensorrt"), ".tflite": ("tflite",), ".engine": ("tensorrt",),
+                   ".plan": ("tensorrt",)}
+
+
+def onnx_precision(path: Path) -> str:
+    """int8 for a QDQ graph, fp16 for half-precision weights, else fp32."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def bench_file(path: Path, device_name: str, *, host: Optional[str] = None, runtime: Optional[str] = None,
+               batch: int = 1, warmup: int = 20, runs: int = 200, threads: Optional[int] = None) -> dict:
+    """`rescompress bench`: one file's latency on a device, here or over ssh. Bad input raises a
+    RescompressError; a measurement that fails returns its status and message."""
+    from rescompress.devices import SSHConnection, load_device
+    from rescompress.errors import RescompressError
+
+    path = Path(path)
+    if not path.is_file():
+        raise RescompressError(f"artifact not found: {path}")
+    choices = SUFFIX_RUNTIMES.get(path.suffix.lower())
+    if choices is None:
+        raise RescompressError(f"{path.name}: unknown artifact type '{path.suffix}' (expected "
+                               f"{', '.join(SUFFIX_RUNTIMES)})")
+    device = load_device(device_name)
+    if runtime is None:
+        runtime = next((r for r in choices if r in device.runtimes), choices[0])
+    if runtime not in choices:
+        raise RescompressError(f"{path.name} cannot run on {runtime} (a {path.suffix} file runs on {', '.join(choices)})")
+    if runtime not in device.runtimes:
+        raise RescompressError(f"{device.name} does not run {runtime} (its runtimes: {', '.join(device.runtimes)})")
+    precision = onnx_precision(path) if path.suffix.lower() == ".onnx" else "as built"
+    threads = threads or device.threads
+    plan = "measured-remote" if host else device.latency_plan(runtime)
+    out = {"artifact": str(path), "device": device.name, "runtime": runtime, "precision": precision}
+    if plan == "measured":
+        from rescompress.bench.remote import measure_local
+
+        outcome = measure_local(path, runtime, precision=precision, batch=batch, warmup=warmup, runs=runs,
+                                threads=threads, trtexec=device.trtexec)
+    elif plan == "measured-remote":
+        from rescompress.bench.remote import measure_remote
+
+        ssh = device.ssh or SSHConnection(host=host or "")
+        outcome = measure_remote(path, runtime, ssh, precision=precision, batch=batch, warmup=warmup, runs=runs,
+                                 threads=threads, power_mode_command=device.power_mode_command,
+                                 trtexec=device.trtexec, host=host)
+    else:
+        raise RescompressError(f"{device.name} has no connection to measure on: give --host user@addr, or add "
+                               f"connection.ssh to its profile (latency estimates need the model's layers: "
+                               f"`rescompress run` makes them)")
+    return {**out, "status": outcome.status, "message": outcome.message, "latency": outcome.latency,
+            "device_facts": outcome.device_facts}

@@ -195,13 +195,14 @@ def _artifacts(report: Mapping[str, Any]) -> list[Block]:
             diff_text += f" vs {parity['reference']}"
         rows.append([
             a["name"], a["target"], a["precision"], fmt_text(a.get("from_stage")), a["status"],
-            fmt_pct(a.get("top1")), diff_text, fmt_pct(parity.get("top1_agreement")),
+            fmt_pct(a.get("top1")), fmt_text(a.get("top1_source")) if a.get("top1") is not None else MISSING,
+            diff_text, fmt_pct(parity.get("top1_agreement")),
             fmt_bytes(a.get("size_bytes")), fmt_text(a.get("runtime")), _lint_summary(a),
         ])
     blocks: list[Block] = [
         Heading(2, "Artifacts"),
-        Table(["Artifact", "Target", "Precision", "From stage", "Status", "Top-1 %", "Parity max|Δ|",
-               "Agreement %", "Size", "Runtime", "Lint"], rows, frozenset({5, 6, 7, 8})),
+        Table(["Artifact", "Target", "Precision", "From stage", "Status", "Top-1 %", "Top-1 measured on",
+               "Parity max|Δ|", "Agreement %", "Size", "Runtime", "Lint"], rows, frozenset({5, 7, 8, 9})),
     ]
     problems = [f"{a['name']} ({a['status']}): {fmt_text(a.get('message'))}"
                 for a in report["artifacts"] if a["status"] != "ok"]

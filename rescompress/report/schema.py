@@ -37,6 +37,8 @@ Top level (all required):
   - `message` (str, optional): why, when status is not "ok" (e.g. the deferred engine-build command)
   - `size_bytes` (number, optional); `runtime` (str, optional): runtime name and version
   - `top1` (fraction, optional): measured on the artifact's own runtime, test split; null if not measured
+  - `top1_source` (str, optional): where `top1` was measured; "proxy: ..." when not in the artifact's own
+    runtime (a deferred TensorRT engine's ONNX run in onnxruntime)
   - `parity` (object, optional): `max_abs_diff` (number): largest |logit difference| against
     `reference` (str): the artifact compared with; `top1_agreement` (fraction): share of equal top-1 predictions
   - `accuracy_only` (str, optional): why the artifact's latency is not measured (a reference such as the
@@ -194,6 +196,7 @@ def _check_artifact(c: _Checker, path: str, a: Mapping[str, Any]) -> None:
         c.field(a, key, "str", path, required=False)
     c.field(a, "size_bytes", "number", path, required=False)
     c.field(a, "top1", "fraction", path, required=False)
+    c.field(a, "top1_source", "str", path, required=False)
     parity = c.field(a, "parity", "object", path, required=False)
     if parity is not None:
         c.field(parity, "max_abs_diff", "number", f"{path}.parity", required=False)

@@ -1,0 +1,82 @@
+"""The per-device report: a recipe over several devices labels every latency with its source, estimates
+devices it cannot reach, and still writes the report when a device's connection fails."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+
+import pytest
+import yaml
+
+from rescompress.devices import available_devices
+from rescompress.pipeline import execute, prepare_new
+from rescompress.report import validate_report
+from tests.conftest import TINY_RECIPE, write_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remote_profile(tmp_path, name: str, ssh: dict) -> str:
+    """The Raspberry Pi profile with an ssh connection: its estimates stay available as the fallback."""
+    data = yaml.safe_load(available_devices()["raspberry-pi-5"].read_text(encoding="utf-8"))
+    data.update(name=name, connection={"ssh": ssh})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return str(path)
+
+
+def run_recipe(tmp_path, devices: list[str], export=None):
+    from rich.console import Console
+
+    data = copy.deepcopy(TINY_RECIPE)
+    data["devices"] = devices
+    if export is not None:
+        data["export"] = export
+    plan, run_dir, manifest = prepare_new(write_recipe(tmp_path / "tiny.yaml", data), tmp_path / "runs")
+    return execute(plan, run_dir, manifest, Console(quiet=True)), run_dir
+
+
+def test_unreachable_device_is_a_status_and_the_report_is_written(tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text("", encoding="utf-8")
+    pi = remote_profile(tmp_path, "pi-offline", {"host": "127.0.0.1", "port": closed_port(), "user": "pi",
+                                                "known_hosts": str(known), "connect_timeout_s": 5})
+    report, run_dir = run_recipe(tmp_path, ["host-cpu", "raspberry-pi-5", pi])
+    validate_report(json.loads((run_dir / "report.json").read_text()))
+    by_name = {d["name"]: d for d in report["devices"]}
+    assert list(by_name) == ["host-cpu", "raspberry-pi-5", "pi-offline"]
+
+    host = {r["artifact"]: r for r in by_name["host-cpu"]["results"]}
+    assert host["onnx-fp32"]["latency"]["source"] == "measured"
+    assert host["onnx-fp32"]["top1_source"].startswith("onnxruntime") and "this host" in host["onnx-fp32"]["top1_source"]
+
+    pi_rows = {r["artifact"]: r for r in by_name["raspberry-pi-5"]["results"]}
+    est = pi_rows["onnx-fp32"]["latency"]
+    assert est["source"] == "estimated" and est["p50_ms"] > 0 and est["group"] == "arm-cortex-a-cpu"
+    assert pi_rows["torch-fp32"]["latency"] is None  # a reference: torch does not run on the Pi
+    assert by_name["raspberry-pi-5"]["recommendation"]["artifact"] == "onnx-fp32"
+    checks = by_name["raspberry-pi-5"]["provenance"]["estimates"]["arm-cortex-a-cpu"]["figures"]
+    assert {f["use"] for f in checks} == {"calibrate", "holdout"}
+
+    offline = {r["artifact"]: r for r in by_name["pi-offline"]["results"]}["onnx-fp32"]
+    assert offline["remote_status"] == "unreachable"
+    assert "refused" in offline["message"] and "latency estimated instead" in offline["message"]
+    assert offline["latency"]["source"] == "estimated"
+    assert offline["latency"]["p50_ms"] == pytest.approx(est["p50_ms"])
+    assert "unreachable" in by_name["pi-offline"]["provenance"]["connection"]
+
+    md = (run_dir / "report.md").read_text()
+    assert "estimated (arm-cortex-a-cpu)" in md and "measured-remote failed (unreachable)" in md
+    assert "holdout" in md and "NetsPresso" in md
+    for device in report["devices"]:  # every latency says where it came from
+        for r in device["results"]:
+            assert r["latency"] is None or r["latency"]["source"] in ("measured", "estimated")

@@ -1,0 +1,90 @@
+"""Device profiles: the shipped ones are complete, and a bad profile fails with the field it got wrong."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rescompress.devices import DeviceProfile, available_devices, group_figures, load_device
+from rescompress.errors import RecipeError, UnknownNameError
+
+REQUIRED = ("jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "galaxy-s24", "raspberry-pi-5", "host-cpu")
+
+
+def test_the_shipped_profiles_cover_the_edge_devices():
+    assert set(REQUIRED) <= set(available_devices())
+
+
+@pytest.mark.parametrize("name", [n for n in REQUIRED if n != "host-cpu"])
+def test_remote_profiles_say_how_latency_is_known(name):
+    dev = load_device(name)
+    assert dev.power_mode_command or "jetson" not in name
+    for runtime, rt in dev.runtimes.items():
+        assert rt.precisions, runtime
+        unit = dev.compute[rt.unit]  # every runtime runs on a described unit with peak figures
+        assert unit.memory_gbps > 0 and unit.source
+        assert all(unit.peak_tops[p] > 0 for p in rt.precisions)
+        assert dev.latency_plan(runtime) == "estimated"  # no connection configured: the roofline estimate
+    assert dev.published, "published reference latencies calibrate and check the estimate"
+    for fig in dev.published:
+        assert fig.source and fig.runtime in dev.runtimes
+    # an estimate group calibrates on at least one figure that is not held out
+    for rt in dev.runtimes.values():
+        assert any(f.use == "calibrate" for _, f in group_figures(rt.estimate_group)), rt.estimate_group
+
+
+def test_the_jetsons_hold_out_resnet18_and_resnet50():
+    for name in ("jetson-agx-orin", "jetson-orin-nano"):
+        held = {(f.model, f.use) for f in load_device(name).published}
+        assert {("resnet18", "holdout"), ("resnet50", "holdout")} <= held
+
+
+def test_host_cpu_is_measured_here():
+    dev = load_device("host-cpu")
+    assert all(dev.latency_plan(rt) == "measured" for rt in dev.runtimes)
+    assert list(dev.runtimes) == ["torch", "onnxruntime", "tflite"]  # the short list form
+    assert dev.precisions("onnxruntime") == ["fp32", "fp16", "int8"]
+
+
+def test_a_connection_makes_latency_remote():
+    data = yaml.safe_load(open(available_devices()["raspberry-pi-5"], encoding="utf-8"))
+    data["connection"] = {"ssh": {"host": "pi.local", "user": "pi"}}
+    dev = DeviceProfile.model_validate(data)
+    assert dev.latency_plan("tflite") == "measured-remote"
+    assert dev.ssh.destination == "pi@pi.local" and dev.ssh.port == 22
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "dev.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return str(path)
+
+
+def _base() -> dict:
+    return {"name": "board", "runtimes": {"tflite": {"unit": "cpu", "estimate_group": "g"}},
+            "compute": {"cpu": {"peak_tops": {"fp32": 0.1, "fp16": 0.2, "int8": 0.4}, "memory_gbps": 10}}}
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d["runtimes"]["tflite"].update(unit="gpu"), r"runtimes.tflite.unit 'gpu' is not a key of compute \(cpu\)"),
+    (lambda d: d["compute"]["cpu"]["peak_tops"].pop("int8"), r"runs int8 on unit 'cpu', whose peak_tops has no figure"),
+    (lambda d: d["compute"]["cpu"]["peak_tops"].update(fp32=0), r"peak_tops.fp32 must be > 0"),
+    (lambda d: d.update(published=[{"model": "resnet18", "runtime": "tensorrt", "precision": "fp16",
+                                     "latency_ms": 1.0, "use": "holdout", "source": "a paper"}]),
+     r"published\[0\].runtime 'tensorrt' is not one of runtimes \(tflite\)"),
+    (lambda d: d.update(published=[{"model": "resnet18", "runtime": "tflite", "precision": "fp16",
+                                     "latency_ms": 1.0, "source": "a paper"}]), r"published.0.use: Field required"),
+    (lambda d: d.update(latency_source="measured-remote"), r"measured-remote needs connection.ssh"),
+    (lambda d: d.update(connection={"ssh": {"host": "x", "prot": 22}}), r"connection.ssh.prot: Extra inputs"),
+])
+def test_a_bad_profile_names_its_field(tmp_path, change, match):
+    data = _base()
+    load_device(_write(tmp_path, data))  # the base is valid
+    change(data)
+    with pytest.raises(RecipeError, match=match):
+        load_device(_write(tmp_path, data))
+
+
+def test_unknown_device_suggests_a_name():
+    with pytest.raises(UnknownNameError, match="did you mean 'jetson-orin-nx'"):
+        load_device("jetson-orin-nz")
