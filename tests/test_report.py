@@ -106,7 +106,20 @@ def make_report() -> dict[str, Any]:
                   "size_bytes": 312000, "latency": None, "status": "deferred",
                   "message": "no TensorRT reachable; build the engine on the device"},
              ],
-             "recommendation": {"artifact": "onnx-fp32", "reason": "fastest within 0.5 pt of the baseline"}},
+             "recommendation": {"artifact": "onnx-fp32", "reason": "fastest within 0.5 pt of the baseline"},
+             "provenance": {
+                 "latency": {"tensorrt": "estimated", "onnxruntime": "measured-remote"},
+                 "device": {"python": "3.10.12", "onnxruntime": "1.18.0", "power_mode": "NV Power Mode: 15W"},
+                 "power_mode_command": "nvpmodel -q",
+                 "estimates": {"orin-gpu-tensorrt": {
+                     "parameters": {"efficiency": 0.31, "layer_us": 4.2},
+                     "figures": [
+                         {"device": "jetson-agx-orin", "model": "resnet50", "runtime": "tensorrt", "precision": "int8",
+                          "use": "calibrate", "published_ms": 0.64, "estimated_ms": 0.66, "error_pct": 3.1,
+                          "statistic": "p90", "source": "MLPerf Inference v3.1"},
+                         {"device": "jetson-orin-nano", "model": "resnet18", "runtime": "tensorrt", "precision": "fp16",
+                          "use": "holdout", "published_ms": 2.0, "estimated_ms": 1.7, "error_pct": -15.0,
+                          "statistic": "mean", "source": "NetsPresso docs"}]}}}},
         ],
         "provenance": {"python": "3.11.7", "platform": "Linux-6.8-x86_64", "processor": "x86_64", "cpu_count": 2,
                        "torch": "2.13.0", "onnxruntime": "1.31.1", "onnx": "1.23.2", "numpy": "2.1.3"},
@@ -249,6 +262,19 @@ def test_markdown_devices_star_recommendation(report: dict[str, Any]) -> None:
     assert recs["jetson-orin-nano"][1:6] == ["onnx-fp32", "98.10", "+0.00", "0.322", "estimated"]
 
 
+def test_markdown_device_provenance_and_estimate_check(report: dict[str, Any]) -> None:
+    text = render_markdown(report)
+    section = text.split("## Device: jetson-orin-nano", 1)[1]
+    assert "- **Latency per runtime:** tensorrt: estimated, onnxruntime: measured-remote" in section
+    assert "- **Device power_mode:** NV Power Mode: 15W" in section
+    assert "Estimate group orin-gpu-tensorrt: efficiency 0.31, layer_us 4.2" in section
+    rows = {(r[0], r[1]): r for r in _table_rows(section, "Estimate group orin-gpu-tensorrt")}
+    assert rows[("jetson-orin-nano", "resnet18")][4:9] == ["holdout", "2.00", "mean", "1.70", "-15.0"]
+    assert rows[("jetson-agx-orin", "resnet50")][4] == "calibrate"
+    host = text.split("## Device: host-cpu", 1)[1].split("## Device:", 1)[0]
+    assert "Estimate group" not in host
+
+
 def test_markdown_every_latency_has_its_source(report: dict[str, Any]) -> None:
     lines = render_markdown(report).splitlines()
     for device in report["devices"]:
@@ -281,7 +307,7 @@ def test_html_self_contained_and_parseable(written: tuple[dict[str, Path], Path]
     parser.feed(page)
     parser.close()
     assert parser.tags.count("img") == 3
-    assert parser.tags.count("table") == 5  # recommendations, stages, artifacts, 2 devices
+    assert parser.tags.count("table") == 6  # recommendations, stages, artifacts, 2 devices, 1 estimate check
     assert page.count('<img src="data:image/png;base64,') == 3
     assert "<link" not in page and "<script" not in page and "http://" not in page
     text = "".join(parser.text)
