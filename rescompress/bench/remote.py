@@ -1,0 +1,419 @@
+"""Latency measured on a device over ssh (`measured-remote`), or on this host by the same runner.
+
+`measure_remote` makes a temporary directory on the device, copies `tools/remote_runner.py` and the
+artifact into it, runs the runner with the device's own Python, reads the one JSON line it prints and
+removes the directory again. It uses the system `ssh` with BatchMode (never a password prompt) and
+StrictHostKeyChecking=yes: an unknown or changed host key is refused, never accepted blindly.
+
+Files travel as `ssh dest 'cat > path'` rather than scp: one quoting rule (the remote POSIX shell's, every
+path through `shlex.quote`) whatever scp protocol either side speaks, and it works on devices without an
+sftp-server.
+
+A failure is a status with a message the user can act on, never an exception:
+"ok" | "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "timeout" | "failed".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional
+
+if TYPE_CHECKING:
+    from rescompress.devices import SSHConnection
+
+RUNNER = Path(__file__).resolve().parents[2] / "tools" / "remote_runner.py"
+RUNTIMES = ("onnxruntime", "tflite", "tensorrt")
+RUNNER_PRECISIONS = ("fp32", "fp16", "int8")  # anything else ("as built") is not passed to the runner
+CLEANUP_TIMEOUT_S = 30
+LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "batch", "warmup", "runs", "threads")
+FACT_KEYS = ("python", "numpy", "platform", "machine", "runtime", "runtime_version", "power_mode")
+
+Status = Literal["ok", "unreachable", "host-key", "auth-failed", "runtime-missing", "timeout", "failed"]
+
+
+@dataclass
+class RemoteOutcome:
+    """What a remote (or local-runner) measurement gave: a status, a message saying what to do about a
+    failure, LatencyStats-style latency when it worked, and the facts the device reported about itself."""
+    status: Status
+    message: str = ""
+    latency: Optional[dict] = None
+    device_facts: dict = field(default_factory=dict)
+
+
+class _Timeout(Exception):
+    """The measurement's time budget ran out during an ssh call."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where the device is and how ssh reaches it."""
+    addr: str
+    user: Optional[str]
+    port: int
+    key: Optional[str]
+    known_hosts: str
+    global_known_hosts: bool  # False when the profile names its own known_hosts file
+    connect_timeout_s: int
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.addr}" if self.user else self.addr
+
+    @property
+    def label(self) -> str:
+        """user@addr:port, for messages."""
+        return f"{self.destination}:{self.port}"
+
+    @property
+    def host(self) -> str:
+        """user@addr, with :port unless it is 22, for the report."""
+        return self.destination if self.port == 22 else self.label
+
+
+# ----------------------------------------------------------------------------------------- public API
+
+def measure_remote(path: Path, runtime: str, ssh: "SSHConnection", *, precision: str = "fp32", batch: int = 1,
+                   warmup: int = 20, runs: int = 200, threads: Optional[int] = None,
+                   power_mode_command: Optional[str] = None, trtexec: str = "trtexec", timeout_s: float = 900,
+                   host: Optional[str] = None) -> RemoteOutcome:
+    """Latency of the artifact at `path` on `runtime`, measured on the device `ssh` reaches (`host`,
+    "user@addr" or "addr", overrides its host and user). Connection and device problems come back as a
+    status and message; only invalid arguments raise (ValueError)."""
+    _check_args(runtime, batch, warmup, runs, threads)
+    path = Path(path)
+    target = _target(ssh, host)
+    problem = _local_problem(path, target)
+    if problem is not None:
+        return problem
+    runner_args = _runner_args(runtime, precision, batch, warmup, runs, threads, power_mode_command, trtexec)
+    session = _Session(target, time.monotonic() + timeout_s)
+    try:
+        return _measure(session, ssh, path, runner_args)
+    except _Timeout:
+        return RemoteOutcome("timeout", f"the measurement on {target.label} did not finish within {timeout_s:g} s; "
+                                        "raise timeout_s, or lower runs")
+    except FileNotFoundError as exc:
+        if exc.filename != "ssh":
+            raise
+        return RemoteOutcome("failed", "there is no ssh client on this machine; install it (apt-get install "
+                                       "openssh-client)")
+
+
+def measure_local(path: Path, runtime: str, *, precision: str = "fp32", batch: int = 1, warmup: int = 20,
+                  runs: int = 200, threads: Optional[int] = None, power_mode_command: Optional[str] = None,
+                  trtexec: str = "trtexec", timeout_s: float = 900) -> RemoteOutcome:
+    """The same runner on this host, with this Python (latency source `measured`)."""
+    _check_args(runtime, batch, warmup, runs, threads)
+    path = Path(path)
+    if not path.is_file():
+        return RemoteOutcome("failed", f"artifact not found: {path}")
+    if not RUNNER.is_file():
+        return _runner_missing()
+    argv = [sys.executable, str(RUNNER), "--artifact", str(path),
+            *_runner_args(runtime, precision, batch, warmup, runs, threads, power_mode_command, trtexec)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout_s,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return RemoteOutcome("timeout", f"the measurement on this host did not finish within {timeout_s:g} s; "
+                                        "raise timeout_s, or lower runs")
+    return _runner_outcome(proc, "this host", host=None, python=sys.executable)
+
+
+# ---------------------------------------------------------------------------------------- arguments
+
+def _check_args(runtime: str, batch: int, warmup: int, runs: int, threads: Optional[int]) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
+    if batch < 1 or runs < 1 or warmup < 0 or (threads is not None and threads < 1):
+        raise ValueError(f"need batch >= 1, runs >= 1, warmup >= 0, threads >= 1 or None; got batch={batch}, "
+                         f"runs={runs}, warmup={warmup}, threads={threads}")
+
+
+def _target(ssh: "SSHConnection", host: Optional[str]) -> _Target:
+    """The ssh target, with `host` ("user@addr" or "addr") overriding the profile's host and user."""
+    addr, user = ssh.host, ssh.user
+    if host:
+        user, _, addr = host.rpartition("@") if "@" in host else (user, "", host)
+    if not addr or addr.startswith("-"):
+        raise ValueError(f"invalid ssh host '{addr}'")
+    known = ssh.known_hosts or "~/.ssh/known_hosts"
+    return _Target(addr=addr, user=user or None, port=ssh.port,
+                   key=os.path.expanduser(ssh.key) if ssh.key else None,
+                   known_hosts=os.path.expanduser(known), global_known_hosts=ssh.known_hosts is None,
+                   connect_timeout_s=ssh.connect_timeout_s)
+
+
+def _runner_args(runtime: str, precision: str, batch: int, warmup: int, runs: int, threads: Optional[int],
+                 power_mode_command: Optional[str], trtexec: str) -> list[str]:
+    """The runner's arguments after --artifact."""
+    args = ["--runtime", runtime, "--batch", str(batch), "--warmup", str(warmup), "--runs", str(runs),
+            "--trtexec", trtexec]
+    if precision in RUNNER_PRECISIONS:
+        args += ["--precision", precision]
+    if threads is not None:
+        args += ["--threads", str(threads)]
+    if power_mode_command:
+        args += ["--power-mode-command", power_mode_command]
+    return args
+
+
+def _local_problem(path: Path, target: _Target) -> Optional[RemoteOutcome]:
+    """A problem visible before connecting: missing artifact, runner, key or known_hosts file."""
+    if not path.is_file():
+        return RemoteOutcome("failed", f"artifact not found: {path}")
+    if not RUNNER.is_file():
+        return _runner_missing()
+    if target.key is not None and not os.path.isfile(target.key):
+        return RemoteOutcome("auth-failed", f"the ssh key {target.key} does not exist; set connection.ssh.key to "
+                                            f"the private key {target.label} accepts")
+    if not target.global_known_hosts and not os.path.isfile(target.known_hosts):
+        return RemoteOutcome("host-key", f"the known_hosts file {target.known_hosts} does not exist; verify the "
+                                         f"host key of {target.addr}:{target.port} and add it with "
+                                         f"{_keyscan(target)} — rescompress never accepts host keys blindly")
+    return None
+
+
+def _runner_missing() -> RemoteOutcome:
+    return RemoteOutcome("failed", f"the device runner {RUNNER} is missing; it ships in the rescompress "
+                                   "source tree (tools/remote_runner.py)")
+
+
+# ----------------------------------------------------------------------------------------------- ssh
+
+def _ssh_option_value(value: str) -> str:
+    """A path as an `-o` value: ssh splits these at whitespace unless double-quoted."""
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
+def ssh_base_argv(target: _Target) -> list[str]:
+    """`ssh` with the options every call uses: no prompts, strict host keys, the profile's key and port."""
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={_ssh_option_value(target.known_hosts)}",
+            "-o", f"ConnectTimeout={target.connect_timeout_s}", "-o", "UpdateHostKeys=no",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+    if not target.global_known_hosts:
+        argv += ["-o", "GlobalKnownHostsFile=/dev/null"]
+    if target.key is not None:
+        argv += ["-o", "IdentitiesOnly=yes", "-i", target.key]
+    return argv + ["-p", str(target.port), target.destination]
+
+
+class _Session:
+    """ssh calls to one target, sharing one deadline."""
+
+    def __init__(self, target: _Target, deadline: float) -> None:
+        self.target = target
+        self.deadline = deadline
+
+    def run(self, command: str, stdin_path: Optional[Path] = None,
+            timeout_s: Optional[float] = None) -> subprocess.CompletedProcess:
+        """Run `command` (a POSIX shell line) on the device; _Timeout past the deadline."""
+        timeout = timeout_s if timeout_s is not None else self.deadline - time.monotonic()
+        if timeout <= 0:
+            raise _Timeout()
+        argv = ssh_base_argv(self.target) + [command]
+        try:
+            if stdin_path is None:
+                return subprocess.run(argv, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout,
+                                      stdin=subprocess.DEVNULL)
+            with open(stdin_path, "rb") as src:
+                done = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=src)
+            return subprocess.CompletedProcess(argv, done.returncode, done.stdout.decode(errors="replace"),
+                                               done.stderr.decode(errors="replace"))
+        except subprocess.TimeoutExpired:
+            raise _Timeout() from None
+
+
+def _remote_word(word: str) -> str:
+    """`word` quoted for the remote shell, keeping a leading `~/` unquoted so that it still expands."""
+    if word == "~":
+        return "~"
+    if word.startswith("~/"):
+        return "~/" + shlex.quote(word[2:]) if word[2:] else "~/"
+    return shlex.quote(word)
+
+
+def _measure(session: _Session, ssh: "SSHConnection", path: Path, runner_args: list[str]) -> RemoteOutcome:
+    """mktemp on the device, copy, run, parse; the temporary directory is always removed."""
+    tmp, failure = _make_tmpdir(session, ssh.workdir)
+    if failure is not None:
+        return failure
+    try:
+        outcome = _copy_and_run(session, ssh.python, tmp, path, runner_args)
+    finally:
+        cleanup_error = _remove_tmpdir(session, tmp)
+    if cleanup_error:
+        outcome.message = (outcome.message + "; " if outcome.message else "") + cleanup_error
+    return outcome
+
+
+def _make_tmpdir(session: _Session, workdir: str) -> tuple[str, Optional[RemoteOutcome]]:
+    """A fresh `rescompress-XXXXXX` directory under `workdir` on the device."""
+    base = workdir.rstrip("/") or "/"
+    if base.startswith("-"):
+        base = "./" + base
+    template = _remote_word(base.rstrip("/") + "/rescompress-XXXXXX")
+    proc = session.run(f"mktemp -d {template}")
+    failure = _ssh_failure(proc, session.target)
+    if failure is not None:
+        return "", failure
+    tmp = proc.stdout.strip()
+    if proc.returncode != 0 or not tmp or "\n" in tmp or not tmp.rsplit("/", 1)[-1].startswith("rescompress-"):
+        why = _last_line(proc.stderr) or f"mktemp printed '{tmp}'"
+        return "", RemoteOutcome("failed", f"could not make a temporary directory under {workdir} on "
+                                           f"{session.target.label} ({why}); set connection.ssh.workdir to a "
+                                           "writable directory")
+    return tmp, None
+
+
+def _remove_tmpdir(session: _Session, tmp: str) -> str:
+    """Remove the temporary directory; an explanation when that failed, else ''."""
+    try:
+        proc = session.run(f"rm -rf {shlex.quote(tmp)}", timeout_s=CLEANUP_TIMEOUT_S)
+    except _Timeout:
+        return f"could not remove {tmp} on {session.target.label} (no answer within {CLEANUP_TIMEOUT_S} s)"
+    if proc.returncode != 0:
+        return f"could not remove {tmp} on {session.target.label}: {_last_line(proc.stderr)}"
+    return ""
+
+
+def _artifact_files(path: Path) -> list[Path]:
+    """The artifact, plus an ONNX model's sibling external-data file (`model.onnx.data` or `model.data`)."""
+    files = [path]
+    if path.suffix.lower() == ".onnx":
+        for sibling in (path.with_name(path.name + ".data"), path.with_suffix(".data")):
+            if sibling.is_file() and sibling not in files:
+                files.append(sibling)
+    return files
+
+
+def _copy_and_run(session: _Session, python: str, tmp: str, path: Path, runner_args: list[str]) -> RemoteOutcome:
+    """Copy the runner and the artifact into `tmp`, run the runner, read its result."""
+    for src in [RUNNER, *_artifact_files(path)]:
+        dest = f"{tmp}/{src.name}"
+        proc = session.run(f"cat > {shlex.quote(dest)}", stdin_path=src)
+        failure = _ssh_failure(proc, session.target)
+        if failure is not None:
+            return failure
+        if proc.returncode != 0:
+            return RemoteOutcome("failed", f"could not copy {src.name} to {session.target.label}:{tmp} "
+                                           f"({_last_line(proc.stderr)}); is the device's disk full?")
+    python_words = [_remote_word(w) for w in shlex.split(python)]
+    if not python_words:
+        raise ValueError("ssh.python is empty")
+    runner = [f"{tmp}/{RUNNER.name}", "--artifact", f"{tmp}/{path.name}", *runner_args]
+    proc = session.run(" ".join(python_words + [shlex.quote(a) for a in runner]))
+    failure = _ssh_failure(proc, session.target)
+    if failure is not None:
+        return failure
+    return _runner_outcome(proc, session.target.label, host=session.target.host, python=python)
+
+
+# ------------------------------------------------------------------------------------- classification
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _keyscan(target: _Target) -> str:
+    port = f"-p {target.port} " if target.port != 22 else ""
+    return f"ssh-keyscan {port}{shlex.quote(target.addr)} >> {shlex.quote(target.known_hosts)}"
+
+
+def _ssh_failure(proc: subprocess.CompletedProcess, target: _Target) -> Optional[RemoteOutcome]:
+    """The connection failure ssh reported (exit status 255), or None when ssh itself worked."""
+    if proc.returncode != 255:
+        return None
+    err = proc.stderr or ""
+    low = err.lower()
+    if "remote host identification has changed" in low:
+        entry = f"[{target.addr}]:{target.port}" if target.port != 22 else target.addr
+        return RemoteOutcome("host-key", f"the host key of {target.addr}:{target.port} changed since it was stored in "
+                                         f"{target.known_hosts}; if the device was reinstalled, verify the new key, "
+                                         f"remove the old one with ssh-keygen -R '{entry}' -f "
+                                         f"{shlex.quote(target.known_hosts)} and add the new one with "
+                                         f"{_keyscan(target)} — rescompress never accepts host keys blindly")
+    if "host key verification failed" in low or "no ed25519 host key is known" in low:
+        return RemoteOutcome("host-key", f"the host key of {target.addr}:{target.port} is not in {target.known_hosts} "
+                                         f"(or changed); verify it and add it with {_keyscan(target)} — "
+                                         "rescompress never accepts host keys blindly")
+    if "unprotected private key file" in low or "bad permissions" in low:
+        return RemoteOutcome("auth-failed", f"ssh refused to use the key {target.key} because others can read it; "
+                                            f"run chmod 600 {target.key}")
+    if "permission denied" in low or "too many authentication failures" in low:
+        who = target.user or "your user name"
+        key = target.key or "any of your default keys"
+        return RemoteOutcome("auth-failed", f"ssh to {target.label} was refused: the device did not accept {key} "
+                                            f"for {who}; add its public key to ~/.ssh/authorized_keys of {who} on the "
+                                            "device, or set connection.ssh.key and user")
+    return _unreachable(low, err, target)
+
+
+def _unreachable(low: str, err: str, target: _Target) -> RemoteOutcome:
+    """A network-level failure, or ssh's own last line when it is none of the known ones."""
+    if "connection refused" in low:
+        return RemoteOutcome("unreachable", f"ssh to {target.label} refused the connection; is sshd running and "
+                                            "the port right?")
+    if "could not resolve hostname" in low or "name or service not known" in low:
+        return RemoteOutcome("unreachable", f"ssh could not resolve the host name '{target.addr}'; check "
+                                            "connection.ssh.host (or --host)")
+    if "no route to host" in low or "network is unreachable" in low:
+        return RemoteOutcome("unreachable", f"ssh found no route to {target.label}; is the device on and on this "
+                                            "network?")
+    if "timed out" in low:
+        return RemoteOutcome("unreachable", f"ssh to {target.label} got no answer within {target.connect_timeout_s} s; "
+                                            "is the device on, and are the address and port right?")
+    if "connection closed" in low or "connection reset" in low or "broken pipe" in low:
+        return RemoteOutcome("unreachable", f"ssh to {target.label} lost the connection ({_last_line(err)}); is the "
+                                            "device still up?")
+    return RemoteOutcome("failed", f"ssh to {target.label} failed: {_last_line(err) or 'exit status 255'}")
+
+
+def _runner_outcome(proc: subprocess.CompletedProcess, where: str, *, host: Optional[str],
+                    python: str) -> RemoteOutcome:
+    """The runner's JSON line as an outcome (latency source measured-remote with a host, else measured)."""
+    if proc.returncode == 127:
+        return RemoteOutcome("runtime-missing", f"{python} was not found on {where}; install Python 3 there or set "
+                                                "connection.ssh.python to its path")
+    result = _last_json(proc.stdout)
+    if result is None:
+        why = _last_line(proc.stderr) or f"exit status {proc.returncode}"
+        return RemoteOutcome("failed", f"the runner on {where} printed no result ({why})")
+    status = result.get("status")
+    if status != "ok" or proc.returncode != 0:
+        outcome_status = "runtime-missing" if status == "runtime-missing" else "failed"
+        message = result.get("message") or f"exit status {proc.returncode}"
+        return RemoteOutcome(outcome_status, f"on {where}: {message}")
+    return RemoteOutcome("ok", "", _latency(result, host), {k: result.get(k) for k in FACT_KEYS})
+
+
+def _last_json(stdout: str) -> Optional[dict]:
+    """The JSON object on the runner's last non-empty stdout line."""
+    line = _last_line(stdout)
+    try:
+        value = json.loads(line) if line else None
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _latency(result: dict, host: Optional[str]) -> dict:
+    """LatencyStats-style keys plus where and on what the numbers were taken."""
+    latency = {k: result[k] for k in LATENCY_KEYS}
+    latency.update(source="measured-remote" if host else "measured", power_mode=result.get("power_mode"),
+                   runtime_version=result.get("runtime_version"))
+    if host:
+        latency["host"] = host
+    if result.get("note"):
+        latency["note"] = result["note"]
+    return latency

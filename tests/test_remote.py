@@ -1,0 +1,376 @@
+"""measured-remote: tools/remote_runner.py and bench.remote against a real sshd on 127.0.0.1.
+
+The "device" is this machine: a throwaway sshd with its own host key and one authorized client key, and
+this venv's Python (numpy + onnxruntime) as the device's Python.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rescompress.bench.remote import (RUNNER, RemoteOutcome, _remote_word, _ssh_failure, _Target, measure_local,
+                                      measure_remote)
+from rescompress.devices import SSHConnection
+
+SSHD = "/usr/sbin/sshd"
+FAST = {"warmup": 2, "runs": 20}
+
+
+def load_runner():
+    """tools/remote_runner.py as a module (it is a standalone script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("remote_runner", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True)
+    return path
+
+
+def known_hosts_line(port: int, pub: Path) -> str:
+    kind, key = pub.read_text().split()[:2]
+    return f"[127.0.0.1]:{port} {kind} {key}\n"
+
+
+@dataclass
+class Sshd:
+    port: int
+    dir: Path
+    client_key: Path
+    known_hosts: Path
+
+    def connection(self, workdir: Path, **overrides) -> SSHConnection:
+        fields = dict(host="127.0.0.1", user=getpass.getuser(), port=self.port, key=str(self.client_key),
+                      known_hosts=str(self.known_hosts), python=sys.executable, workdir=str(workdir),
+                      connect_timeout_s=5)
+        return SSHConnection(**{**fields, **overrides})
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"sshd exited with {proc.returncode}: {log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"sshd did not listen on {port} within {timeout_s} s: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory) -> Sshd:
+    """A real sshd on 127.0.0.1 (free port, own host key, one authorized key), with a known_hosts for it."""
+    missing = [tool for tool in (SSHD, "ssh", "ssh-keygen") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs OpenSSH ({', '.join(missing)} not found; tools/install_openssh_server.sh installs it)")
+    d = tmp_path_factory.mktemp("sshd")
+    host_key, client_key = keygen(d / "host_key"), keygen(d / "client_key")
+    (d / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
+    port = free_port()
+    cfg = d / "sshd_config"
+    cfg.write_text("\n".join([
+        "ListenAddress 127.0.0.1", f"Port {port}", f"HostKey {host_key}", f"PidFile {d / 'sshd.pid'}",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PubkeyAuthentication yes", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
+        "UseDNS no", "PrintMotd no", "PrintLastLog no", ""]))
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)
+    log = d / "sshd.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=err, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, log)
+        known = d / "known_hosts"
+        known.write_text(known_hosts_line(port, host_key.with_suffix(".pub")))
+        yield Sshd(port=port, dir=d, client_key=client_key, known_hosts=known)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    """A small conv net (dynamic batch, 3x16x16 input) with its weights in an external-data file."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
+             numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "r1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    graph = helper.make_graph(nodes, "tiny",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="tiny.onnx.data", size_threshold=0)
+    assert (path.parent / "tiny.onnx.data").is_file()
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """The device's workdir: a path with a space, quotes and a `$`, to prove every remote path is quoted."""
+    d = tmp_path / "dev ice's \"$dir\""
+    d.mkdir()
+    return d
+
+
+# ------------------------------------------------------------------------------------------ over ssh
+
+def test_end_to_end_measures_on_the_device_and_cleans_up(sshd, onnx_model, workdir):
+    import onnxruntime
+
+    out = measure_remote(onnx_model, "onnxruntime", sshd.connection(workdir), batch=2, threads=1,
+                         power_mode_command="/bin/echo MODE_15W", **FAST)
+    assert out.status == "ok", out.message
+    lat = out.latency
+    assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+    assert lat["mean_ms"] > 0
+    assert (lat["batch"], lat["warmup"], lat["runs"], lat["threads"]) == (2, 2, 20, 1)
+    assert lat["source"] == "measured-remote" and lat["power_mode"] == "MODE_15W"
+    assert lat["runtime_version"] == onnxruntime.__version__
+    assert lat["host"] == f"{getpass.getuser()}@127.0.0.1:{sshd.port}"
+    assert out.device_facts["python"] == platform.python_version()
+    assert out.device_facts["runtime"] == "onnxruntime" and out.device_facts["power_mode"] == "MODE_15W"
+    assert list(workdir.iterdir()) == [], "the remote temporary directory was not removed"
+
+
+def test_host_override_replaces_host_and_user(sshd, onnx_model, workdir):
+    conn = sshd.connection(workdir, host="no-such-host.invalid", user="nobody")
+    out = measure_remote(onnx_model, "onnxruntime", conn, host=f"{getpass.getuser()}@127.0.0.1", **FAST)
+    assert out.status == "ok", out.message
+
+
+def test_a_different_host_key_is_refused_before_anything_is_copied(sshd, onnx_model, workdir, tmp_path):
+    other = keygen(tmp_path / "other_host_key")
+    known = tmp_path / "known_hosts"
+    known.write_text(known_hosts_line(sshd.port, other.with_suffix(".pub")))
+    out = measure_remote(onnx_model, "onnxruntime", sshd.connection(workdir, known_hosts=str(known)), **FAST)
+    assert out.status == "host-key", out.message
+    assert "never accepts host keys blindly" in out.message and str(known) in out.message
+    assert out.latency is None
+    assert list(workdir.iterdir()) == [], "something was created on the device despite the wrong host key"
+
+
+def test_an_empty_known_hosts_is_refused_not_trusted(sshd, onnx_model, workdir, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    out = measure_remote(onnx_model, "onnxruntime", sshd.connection(workdir, known_hosts=str(known)), **FAST)
+    assert out.status == "host-key", out.message
+    assert f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {known}" in out.message
+    assert known.read_text() == "", "the host key was written to known_hosts"
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_key_the_device_does_not_accept_is_auth_failed(sshd, onnx_model, workdir, tmp_path):
+    wrong = keygen(tmp_path / "wrong_key")
+    out = measure_remote(onnx_model, "onnxruntime", sshd.connection(workdir, key=str(wrong)), **FAST)
+    assert out.status == "auth-failed", out.message
+    assert str(wrong) in out.message and "authorized_keys" in out.message
+
+
+def test_a_port_with_nothing_listening_is_unreachable(sshd, onnx_model, workdir):
+    out = measure_remote(onnx_model, "onnxruntime", sshd.connection(workdir, port=free_port()), **FAST)
+    assert out.status == "unreachable", out.message
+    assert "refused the connection" in out.message
+
+
+BLOCKER = '''\
+"""Runs a script with some top-level packages made unimportable (a device that lacks them)."""
+import importlib.abc, runpy, sys
+
+BLOCKED = {blocked!r}
+
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def python_without(tmp_path: Path, *modules: str) -> list[str]:
+    """A command line for this Python with `modules` unimportable."""
+    boot = tmp_path / "python_without.py"
+    boot.write_text(BLOCKER.format(blocked=set(modules)))
+    return [sys.executable, str(boot)]
+
+
+def test_a_missing_runtime_on_the_device_says_what_to_install(sshd, workdir, tmp_path):
+    model = tmp_path / "model.tflite"
+    model.write_bytes(b"not read: the interpreter import fails first")
+    python = shlex.join(python_without(tmp_path, "ai_edge_litert", "tflite_runtime", "tensorflow"))
+    out = measure_remote(model, "tflite", sshd.connection(workdir, python=python), **FAST)
+    assert out.status == "runtime-missing", out.message
+    assert "pip install ai-edge-litert" in out.message
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_run_past_the_timeout_is_timeout_and_cleaned_up(sshd, onnx_model, workdir):
+    out = measure_remote(onnx_model, "onnxruntime", sshd.connection(workdir, python="sh -c 'sleep 6'"),
+                         timeout_s=2.5, **FAST)
+    assert out.status == "timeout", out.message
+    assert "within 2.5 s" in out.message
+    assert list(workdir.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------- without ssh
+
+def test_ssh_errors_are_classified():
+    target = _Target(addr="jetson.local", user="me", port=22, key=None, known_hosts="/k", global_known_hosts=True,
+                     connect_timeout_s=10)
+
+    def status(stderr: str) -> RemoteOutcome:
+        return _ssh_failure(subprocess.CompletedProcess([], 255, "", stderr), target)
+
+    assert status("ssh: Could not resolve hostname jetson.local: Name or service not known").status == "unreachable"
+    assert status("ssh: connect to host 10.0.0.9 port 22: No route to host").status == "unreachable"
+    timed_out = status("ssh: connect to host 10.0.0.9 port 22: Connection timed out")
+    assert timed_out.status == "unreachable" and "within 10 s" in timed_out.message
+    changed = status("@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nHost key verification failed.")
+    assert changed.status == "host-key" and "ssh-keygen -R 'jetson.local' -f /k" in changed.message
+    assert status("me@jetson.local: Permission denied (publickey).").status == "auth-failed"
+    assert status("kex_exchange_identification: something new").status == "failed"
+    assert _ssh_failure(subprocess.CompletedProcess([], 1, "", "Permission denied"), target) is None
+
+
+def test_remote_words_keep_the_home_tilde_and_quote_the_rest():
+    assert _remote_word("~/venv's/bin/python") == "~/'venv'\"'\"'s/bin/python'"
+    assert _remote_word("/opt/dev ice/py") == "'/opt/dev ice/py'"
+
+
+TRTEXEC_LOG = """\
+&&&& RUNNING TensorRT.trtexec [TensorRT v100300] [b17] # /usr/src/tensorrt/bin/trtexec --onnx=model.onnx --stronglyTyped
+[08/01/2025-10:12:01] [I] TensorRT version: 10.3.0
+[08/01/2025-10:12:01] [I] Loaded engine size: 12 MiB
+[08/01/2025-10:12:14] [I] === Performance summary ===
+[08/01/2025-10:12:14] [I] Throughput: 1268.55 qps
+[08/01/2025-10:12:14] [I] Latency: min = 0.801514 ms, max = 1.40881 ms, mean = 0.828466 ms, median = 0.81958 ms, percentile(90%) = 0.847168 ms, percentile(95%) = 0.868652 ms, percentile(99%) = 1.04297 ms
+[08/01/2025-10:12:14] [I] Enqueue Time: min = 0.167969 ms, max = 0.431641 ms, mean = 0.183447 ms, median = 0.177734 ms, percentile(90%) = 0.195312 ms, percentile(95%) = 0.208984 ms, percentile(99%) = 0.291016 ms
+[08/01/2025-10:12:14] [I] H2D Latency: min = 0.0136719 ms, max = 0.0351562 ms, mean = 0.0149327 ms, median = 0.0146484 ms, percentile(90%) = 0.0157471 ms, percentile(95%) = 0.0163574 ms, percentile(99%) = 0.0214844 ms
+[08/01/2025-10:12:14] [I] GPU Compute Time: min = 0.776245 ms, max = 1.37524 ms, mean = 0.78784 ms, median = 0.779297 ms, percentile(90%) = 0.804688 ms, percentile(95%) = 0.824219 ms, percentile(99%) = 1.00098 ms
+[08/01/2025-10:12:14] [I] D2H Latency: min = 0.00292969 ms, max = 0.0177002 ms, mean = 0.00357666 ms, median = 0.00341797 ms, percentile(90%) = 0.00390625 ms, percentile(95%) = 0.00415039 ms, percentile(99%) = 0.00683594 ms
+[08/01/2025-10:12:14] [I] Total Host Walltime: 3.00186 s
+&&&& PASSED TensorRT.trtexec [TensorRT v100300] [b17] # /usr/src/tensorrt/bin/trtexec --onnx=model.onnx --stronglyTyped
+"""
+
+
+def test_trtexec_gpu_compute_time_is_parsed():
+    runner = load_runner()
+    parsed = runner.parse_trtexec(TRTEXEC_LOG)
+    assert parsed == {"min_ms": 0.776245, "mean_ms": 0.78784, "p50_ms": 0.779297, "p90_ms": 0.804688,
+                      "p99_ms": 1.00098, "runtime_version": "10.3.0"}
+    assert runner.trtexec_version("[TensorRT v8601] # trtexec") == "8.6.1"
+    assert runner.trtexec_version("[TensorRT v100300] # trtexec") == "10.3.0"
+    with pytest.raises(runner.RunFailed, match="no 'GPU Compute Time' line"):
+        runner.parse_trtexec("[E] Error[4]: cannot parse model\n&&&& FAILED TensorRT.trtexec")
+
+
+def test_runner_drives_trtexec_and_reads_its_summary(onnx_model, tmp_path):
+    """A stand-in trtexec that records its argv and prints a real summary: the runner's command and parse."""
+    fake = tmp_path / "trtexec"
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {shlex.quote(str(tmp_path / 'argv'))}\n"
+                    f"cat <<'EOF'\n{TRTEXEC_LOG}EOF\n")
+    fake.chmod(0o755)
+    proc = run_runner("--artifact", str(onnx_model), "--runtime", "tensorrt", "--precision", "int8", "--batch", "4",
+                      "--runs", "50", "--trtexec", str(fake))
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert proc.returncode == 0 and result["status"] == "ok", proc.stderr
+    assert result["p50_ms"] == 0.779297 and result["runtime_version"] == "10.3.0"
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == [f"--onnx={onnx_model}", "--stronglyTyped", "--shapes=input:4x3x16x16", "--warmUp=200",
+                    "--iterations=50", "--duration=0"]
+
+
+def run_runner(*args: str, python: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(python or [sys.executable]), str(RUNNER), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_runner_locally_prints_one_json_result(onnx_model):
+    import onnxruntime
+
+    proc = run_runner("--artifact", str(onnx_model), "--runtime", "onnxruntime", "--batch", "3", "--warmup", "1",
+                      "--runs", "10", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok" and result["runtime_version"] == onnxruntime.__version__
+    assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p99_ms"]
+    assert (result["batch"], result["runs"], result["threads"], result["power_mode"]) == (3, 10, 1, None)
+    assert set(result) >= {"python", "numpy", "platform", "machine", "mean_ms", "p90_ms", "warmup", "runtime"}
+
+
+def test_runner_without_numpy_is_runtime_missing(onnx_model, tmp_path):
+    proc = run_runner("--artifact", str(onnx_model), "--runtime", "onnxruntime",
+                      python=python_without(tmp_path, "numpy"))
+    assert proc.returncode == 3
+    assert json.loads(proc.stdout.splitlines()[-1]) == {
+        "status": "runtime-missing", "message": "numpy is not installed on this device (pip install numpy)"}
+
+
+def test_runner_failure_is_failed_json(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    proc = run_runner("--artifact", str(bad), "--runtime", "onnxruntime", "--runs", "1")
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert proc.returncode == 4 and result["status"] == "failed" and result["message"]
+
+
+def test_power_mode_command_failures_are_explained():
+    runner = load_runner()
+    assert runner.power_mode("/bin/echo '  MAXN  '") == "MAXN"
+    assert runner.power_mode("/no/such/nvpmodel -q") == "unknown: /no/such/nvpmodel not found"
+    failing = "/bin/sh -c 'echo denied >&2; exit 2'"
+    assert runner.power_mode(failing) == f"unknown: '{failing}' exited 2: denied"
+    assert runner.power_mode(None) is None
+
+
+def test_measure_local_uses_the_same_runner(onnx_model):
+    out = measure_local(onnx_model, "onnxruntime", batch=1, threads=1, **FAST)
+    assert out.status == "ok", out.message
+    assert out.latency["source"] == "measured" and "host" not in out.latency
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        measure_local(onnx_model, "openvino")
