@@ -68,7 +68,8 @@ class PublishedLatency(Strict):
     statistic: Literal["p50", "p90", "mean"] = Field(
         "mean", description="what the figure is: MLPerf SingleStream reports the 90th percentile")
     use: Literal["calibrate", "holdout"] = Field(
-        ..., description="calibrate: fits the estimate; holdout: never fitted, only checks the estimate")
+        "calibrate", description="calibrate: fits the estimate, and is checked against the fit on the group's "
+                                 "other figures (leave-one-out); holdout: never fitted, only checks the estimate")
     source: str = Field(..., min_length=3, description="who published it, where, and when")
     url: Optional[str] = None
     note: str = ""

@@ -65,7 +65,7 @@ def test_unreachable_device_is_a_status_and_the_report_is_written(tmp_path):
     assert pi_rows["torch-fp32"]["latency"] is None  # a reference: torch does not run on the Pi
     assert by_name["raspberry-pi-5"]["recommendation"]["artifact"] == "onnx-fp32"
     checks = by_name["raspberry-pi-5"]["provenance"]["estimates"]["arm-cortex-a-cpu"]["figures"]
-    assert {f["use"] for f in checks} == {"calibrate", "holdout"}
+    assert {f["check"] for f in checks} == {"leave-one-out"} and len(checks) == 2
 
     offline = {r["artifact"]: r for r in by_name["pi-offline"]["results"]}["onnx-fp32"]
     assert offline["remote_status"] == "unreachable"
@@ -76,7 +76,7 @@ def test_unreachable_device_is_a_status_and_the_report_is_written(tmp_path):
 
     md = (run_dir / "report.md").read_text()
     assert "estimated (arm-cortex-a-cpu)" in md and "measured-remote failed (unreachable)" in md
-    assert "holdout" in md and "NetsPresso" in md
+    assert "leave-one-out" in md and "NetsPresso" in md
     for device in report["devices"]:  # every latency says where it came from
         for r in device["results"]:
             assert r["latency"] is None or r["latency"]["source"] in ("measured", "estimated")

@@ -118,7 +118,7 @@ def make_report() -> dict[str, Any]:
                           "use": "calibrate", "published_ms": 0.64, "estimated_ms": 0.66, "error_pct": 3.1,
                           "statistic": "p90", "source": "MLPerf Inference v3.1"},
                          {"device": "jetson-orin-nano", "model": "resnet18", "runtime": "tensorrt", "precision": "fp16",
-                          "use": "holdout", "published_ms": 2.0, "estimated_ms": 1.7, "error_pct": -15.0,
+                          "use": "holdout", "check": "holdout", "published_ms": 2.0, "estimated_ms": 1.7, "error_pct": -15.0,
                           "statistic": "mean", "source": "NetsPresso docs"}]}}}},
         ],
         "provenance": {"python": "3.11.7", "platform": "Linux-6.8-x86_64", "processor": "x86_64", "cpu_count": 2,
@@ -268,7 +268,7 @@ def test_markdown_device_provenance_and_estimate_check(report: dict[str, Any]) -
     assert "- **Latency per runtime:** tensorrt: estimated, onnxruntime: measured-remote" in section
     assert "- **Device power_mode:** NV Power Mode: 15W" in section
     assert "Estimate group orin-gpu-tensorrt: efficiency 0.31, layer_us 4.2" in section
-    rows = {(r[0], r[1]): r for r in _table_rows(section, "Estimate group orin-gpu-tensorrt")}
+    rows = {(r[0], r[1]): r for r in _table_rows(section, "the full fit for held-out ones.")}
     assert rows[("jetson-orin-nano", "resnet18")][4:9] == ["holdout", "2.00", "mean", "1.70", "-15.0"]
     assert rows[("jetson-agx-orin", "resnet50")][4] == "calibrate"
     host = text.split("## Device: host-cpu", 1)[1].split("## Device:", 1)[0]

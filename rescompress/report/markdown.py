@@ -302,6 +302,14 @@ def _device(device: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "/".join(map(str, value))
+    return str(value)
+
+
 def _device_provenance(provenance: Mapping[str, Any]) -> list[Block]:
     """How this device's latencies were taken; for estimates, the calibration and its held-out error."""
     if not provenance:
@@ -318,12 +326,15 @@ def _device_provenance(provenance: Mapping[str, Any]) -> list[Block]:
     for group, check in (provenance.get("estimates") or {}).items():
         params = check.get("parameters") or {}
         blocks.append(Paragraph(f"Estimate group {group}: "
-                                + ", ".join(f"{k} {v}" for k, v in params.items())))
-        rows = [[f["device"], f["model"], f["runtime"], f["precision"], f["use"], fmt_ms(f["published_ms"]),
-                 fmt_text(f.get("statistic")), fmt_ms(f["estimated_ms"]), f"{f['error_pct']:+.1f}", f["source"]]
+                                + ", ".join(f"{k} {_number(v)}" for k, v in params.items())))
+        rows = [[f["device"], f["model"], f["runtime"], f["precision"], fmt_text(f.get("check") or f.get("use")),
+                 fmt_ms(f["published_ms"]), fmt_text(f.get("statistic")), fmt_ms(f.get("estimated_ms")),
+                 MISSING if f.get("error_pct") is None else f"{f['error_pct']:+.1f}", f["source"]]
                 for f in check.get("figures") or []]
         if rows:
-            blocks.append(Table(["Device", "Model", "Runtime", "Precision", "Use", "Published ms", "Statistic",
+            blocks.append(Paragraph("Each published figure beside the estimate of a fit that did not use it: "
+                                    "leave-one-out for calibration figures, the full fit for held-out ones."))
+            blocks.append(Table(["Device", "Model", "Runtime", "Precision", "Check", "Published ms", "Statistic",
                                  "Estimated ms", "Error %", "Source"], rows, frozenset({5, 7, 8})))
     return blocks
 

@@ -61,7 +61,7 @@ Top level (all required):
       "measured-remote" | "estimated"); `p50_ms`, `p90_ms`, `p99_ms`, `mean_ms` (number, optional);
       `batch`, `warmup`, `runs`, `threads` (int, optional); other keys are kept, e.g. `power_mode`,
       `runtime_version` and `host` (measured-remote), or `group`, `calibrated_on` and
-      `holdout_max_abs_error_pct` (estimated)
+      `check_max_abs_error_pct` (estimated: the largest out-of-sample error on the group's published figures)
     - `remote_status` (str, optional): the ssh measurement's outcome when one was tried ("ok" |
       "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "timeout" | "failed")
     - `status` (str): "ok" | "deferred" | "failed" | "skipped"; `message` (str, optional)
@@ -71,8 +71,9 @@ Top level (all required):
     "none"); `device` (object, optional): facts the device reported (python, runtime versions, power mode);
     `connection` (str, optional): why the device could not be reached; `power_mode_command` (str, optional);
     `estimates` (object, optional): estimate group -> `parameters` (object) and `figures` (list of
-    {device, model, runtime, precision, use: "calibrate" | "holdout", published_ms, estimated_ms,
-    error_pct, statistic, source})
+    {device, model, runtime, precision, use: "calibrate" | "holdout", check: "leave-one-out" |
+    "holdout", published_ms, estimated_ms, error_pct (out of sample; null when nothing was left to fit on),
+    fit_error_pct (calibration figures: the full fit's residual), statistic, source})
 - `provenance` (object): versions and host facts, str -> str/number, e.g. `python`, `platform`,
   `processor`, `cpu_count`, `torch`, `onnxruntime`, `onnx`, `numpy`.
 """
