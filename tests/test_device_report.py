@@ -14,6 +14,7 @@ from rescompress.devices import available_devices
 from rescompress.pipeline import execute, prepare_new
 from rescompress.report import validate_report
 from tests.conftest import TINY_RECIPE, write_recipe
+from tests.remote_device import keygen, python_without, sshd  # noqa: F401 (sshd: a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +26,10 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def remote_profile(tmp_path, name: str, ssh: dict) -> str:
+def remote_profile(tmp_path, name: str, ssh: dict, **fields) -> str:
     """The Raspberry Pi profile with an ssh connection: its estimates stay available as the fallback."""
     data = yaml.safe_load(available_devices()["raspberry-pi-5"].read_text(encoding="utf-8"))
-    data.update(name=name, connection={"ssh": ssh})
+    data.update(name=name, connection={"ssh": ssh}, **fields)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return str(path)
@@ -80,3 +81,43 @@ def test_unreachable_device_is_a_status_and_the_report_is_written(tmp_path):
     for device in report["devices"]:  # every latency says where it came from
         for r in device["results"]:
             assert r["latency"] is None or r["latency"]["source"] in ("measured", "estimated")
+
+
+def test_a_recipe_measures_on_a_device_over_ssh(sshd, tmp_path):
+    """One run, three boards behind a real sshd: one answers, one refuses the key, one lacks onnxruntime."""
+    import shlex
+    import sys
+
+    workdir = tmp_path / "device dir"
+    workdir.mkdir()
+    base = {"host": "127.0.0.1", "port": sshd.port, "user": sshd.connection(workdir).user,
+            "key": str(sshd.client_key), "known_hosts": str(sshd.known_hosts), "python": sys.executable,
+            "workdir": str(workdir), "connect_timeout_s": 5}
+    ok = remote_profile(tmp_path, "board", base, power_mode_command="/bin/echo MODE_15W")
+    wrong_key = remote_profile(tmp_path, "board-wrong-key", {**base, "key": str(keygen(tmp_path / "stranger"))})
+    no_ort = remote_profile(tmp_path, "board-no-ort", {
+        **base, "python": shlex.join(python_without(tmp_path, "onnxruntime"))})
+
+    report, run_dir = run_recipe(tmp_path, ["host-cpu", ok, wrong_key, no_ort])
+    by_name = {d["name"]: d for d in report["devices"]}
+    row = {r["artifact"]: r for r in by_name["board"]["results"]}["onnx-fp32"]
+    lat = row["latency"]
+    assert row["remote_status"] == "ok" and lat["source"] == "measured-remote"
+    assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and lat["runs"] == 10 and lat["warmup"] == 2
+    assert lat["power_mode"] == "MODE_15W" and lat["host"].endswith(f"@127.0.0.1:{sshd.port}")
+    facts = by_name["board"]["provenance"]["device"]
+    assert facts["runtime"] == "onnxruntime" and facts["runtime_version"] and facts["power_mode"] == "MODE_15W"
+    assert list(workdir.iterdir()) == [], "the device's temporary directory is removed"
+
+    refused = {r["artifact"]: r for r in by_name["board-wrong-key"]["results"]}["onnx-fp32"]
+    assert refused["remote_status"] == "auth-failed" and refused["latency"]["source"] == "estimated"
+    assert "did not accept" in refused["message"]
+
+    missing = {r["artifact"]: r for r in by_name["board-no-ort"]["results"]}["onnx-fp32"]
+    assert missing["remote_status"] == "runtime-missing" and "pip install onnxruntime" in missing["message"]
+    assert missing["latency"]["source"] == "estimated"
+
+    validate_report(json.loads((run_dir / "report.json").read_text()))
+    md = (run_dir / "report.md").read_text()
+    assert f"measured-remote ({lat['host']})" in md and "power mode MODE_15W" in md
+    assert "measured-remote failed (auth-failed)" in md and "measured-remote failed (runtime-missing)" in md
