@@ -19,7 +19,7 @@ import pytest
 
 from rescompress.bench.remote import (RUNNER, RemoteOutcome, _remote_word, _ssh_failure, _Target, measure_local,
                                       measure_remote)
-from tests.remote_device import free_port, keygen, known_hosts_line, python_without, sshd  # noqa: F401 (a fixture)
+from tests.remote_device import free_port, keygen, known_hosts_line, onnx_model, python_without, sshd  # noqa: F401
 
 FAST = {"warmup": 2, "runs": 20}
 
@@ -30,38 +30,6 @@ def load_runner():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory) -> Path:
-    """A small conv net (dynamic batch, 3x16x16 input) with its weights in an external-data file."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
-             numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w2"),
-             numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "fc")]
-    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c2", "r1"], ["a"]),
-             helper.make_node("Relu", ["a"], ["r2"]),
-             helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
-    graph = helper.make_graph(nodes, "tiny",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location="tiny.onnx.data", size_threshold=0)
-    assert (path.parent / "tiny.onnx.data").is_file()
-    return path
 
 
 @pytest.fixture
