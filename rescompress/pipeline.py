@@ -61,8 +61,12 @@ class Plan:
                 scheme, why = default_scheme(self.devices)
                 lines.append(f"  {'':<17} int8 scheme: {scheme} ({why})")
         lines.append(f"  export            {', '.join(e.name for e in r.export)}  (+ the torch model as reference)")
-        lines.append(f"  measure           on {', '.join(dev.name for dev in self.devices)}: top-1 in each runtime, "
-                     f"latency batch {r.report.latency.batch}, {r.report.latency.warmup} warm-up, {r.report.latency.runs} runs")
+        lines.append(f"  measure           top-1 in each runtime; latency batch {r.report.latency.batch}, "
+                     f"{r.report.latency.warmup} warm-up, {r.report.latency.runs} runs, on")
+        for dev in self.devices:
+            how = ", ".join(f"{rt} {dev.latency_plan(rt)}" for rt in dev.runtimes)
+            where = f" via ssh {dev.ssh.destination}:{dev.ssh.port}" if dev.ssh else ""
+            lines.append(f"  {'':<17} {dev.name}: {how}{where}")
         lines.append(f"  report            report.json, report.md, report.html, plots/ (accuracy budget {r.report.accuracy_budget_pt} pt)")
         return "\n".join(lines)
 
