@@ -202,13 +202,27 @@ def load_device(name_or_path: str) -> DeviceProfile:
 
 
 def group_figures(group: str, devices: Optional[list[DeviceProfile]] = None) -> list[tuple[DeviceProfile, PublishedLatency]]:
-    """Every published figure, from every known profile, for a runtime in estimate group `group`."""
+    """Every published figure, from every known profile (or `devices`), for a runtime in estimate group
+    `group`; the same figure on the same hardware counts once."""
     if devices is None:
         devices = [load_device(str(p)) for p in available_devices().values()]
-    out = []
+    out, seen = [], set()
     for dev in devices:
         for fig in dev.published:
             rt = dev.runtimes.get(fig.runtime)
-            if rt is not None and rt.estimate_group == group:
+            if rt is None or rt.estimate_group != group:
+                continue
+            unit = dev.compute.get(rt.unit) if rt.unit else None
+            same = (fig.model_dump_json(), unit.model_dump_json() if unit else None)
+            if same not in seen:  # a copy of a profile (another name, same hardware) adds no evidence
+                seen.add(same)
                 out.append((dev, fig))
     return out
+
+
+def estimate_pool(devices: list[DeviceProfile]) -> list[DeviceProfile]:
+    """Every known profile plus `devices` (a recipe's, which may be files of their own; they win by name):
+    the profiles whose published figures calibrate latency estimates."""
+    pool = {name: load_device(str(path)) for name, path in available_devices().items()}
+    pool.update({d.name: d for d in devices})
+    return list(pool.values())

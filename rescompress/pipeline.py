@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from rich.console import Console
 
-from rescompress.devices import DeviceProfile, load_device
+from rescompress.devices import DeviceProfile, estimate_pool, load_device
 from rescompress.errors import PlanError, RescompressError, ResumeError, WeightsError
 from rescompress.recipe import Recipe, load_recipe, parse_recipe, save_resolved
 from rescompress.rundir import Manifest, load_checkpoint, new_run_dir, now, save_checkpoint, sha256
@@ -408,6 +408,7 @@ class Runner:
 
         lat = self.recipe.report.latency
         x_lat = latency_input(x_test, lat.batch)
+        pool = estimate_pool(self.plan.devices)
         devices = []
         for device in self.plan.devices:
             threads = device.threads or lat.threads
@@ -423,7 +424,7 @@ class Runner:
                     return stats.to_dict()
 
                 source = DeviceLatency(device, batch=lat.batch, warmup=lat.warmup, runs=lat.runs, threads=threads,
-                                       layers=layers, measure_here=measure_here)
+                                       layers=layers, measure_here=measure_here, pool=pool)
                 for art, row in zip(artifacts, art_rows):
                     if runs_on(art, device):
                         results.append(self._device_result(device, art, row, source, baseline_top1))

@@ -88,3 +88,16 @@ def test_a_bad_profile_names_its_field(tmp_path, change, match):
 def test_unknown_device_suggests_a_name():
     with pytest.raises(UnknownNameError, match="did you mean 'jetson-orin-nx'"):
         load_device("jetson-orin-nz")
+
+
+def test_a_recipe_profile_joins_the_estimate_pool():
+    from rescompress.devices import PublishedLatency, estimate_pool
+
+    pi = load_device("raspberry-pi-5")
+    copy = pi.model_copy(update={"name": "pi-copy"})
+    assert len(group_figures("arm-cortex-a-cpu", estimate_pool([copy]))) == 2  # a copy adds no evidence
+    own = PublishedLatency(model="resnet34", runtime="tflite", precision="fp16", latency_ms=90.0,
+                           source="measured on our own board")
+    mine = pi.model_copy(update={"name": "my-pi", "published": [own]})
+    figs = group_figures("arm-cortex-a-cpu", estimate_pool([mine]))
+    assert len(figs) == 3 and ("my-pi", "resnet34") in {(d.name, f.model) for d, f in figs}

@@ -40,7 +40,8 @@ class DeviceLatency:
     threads: Optional[int]
     layers: Callable[[], Any]  # the layer table of the model the artifacts come from (built on first use)
     measure_here: Callable[[Any], dict]  # times an artifact on this host
-    connection_failure: Optional[str] = None
+    pool: Optional[list[DeviceProfile]] = None  # the profiles whose published figures calibrate estimates
+    connection_failure: Optional[tuple[str, str]] = None  # (status, message) of a connection that failed
     facts: dict = field(default_factory=dict)  # from the device itself (remote runs)
     groups: dict = field(default_factory=dict)  # estimate group -> its calibration and held-out check
 
@@ -80,11 +81,11 @@ class DeviceLatency:
             if out.status == "ok":
                 self.facts.update(out.device_facts or {})
                 return LatencyResult({**out.latency, "source": "measured-remote"}, remote_status="ok")
-            if out.status in CONNECTION_FAILURES:
-                self.connection_failure = f"{out.status}: {out.message}"
             status, message = out.status, out.message
+            if status in CONNECTION_FAILURES:
+                self.connection_failure = (status, message)
         else:
-            status, message = self.connection_failure.split(":", 1)[0], self.connection_failure.split(": ", 1)[1]
+            status, message = self.connection_failure
         fallback = self._estimate(art, runtime)
         why = f"measured-remote failed ({status}): {message}"
         if fallback.latency is not None:
@@ -94,12 +95,12 @@ class DeviceLatency:
     def _estimate(self, art: Any, runtime: str) -> LatencyResult:
         from rescompress.bench.estimate import estimate_latency
 
-        est = estimate_latency(self.device, runtime, art.precision, self.layers())
+        est = estimate_latency(self.device, runtime, art.precision, self.layers(), devices=self.pool)
         if est.latency is None:
             return LatencyResult(None, f"latency not estimated: {est.message}")
         group = est.latency.get("group")
         if group and group not in self.groups:
-            self.groups[group] = estimate_check(group)
+            self.groups[group] = estimate_check(group, self.pool)
         return LatencyResult(est.latency)
 
     def provenance(self) -> dict:
@@ -108,7 +109,7 @@ class DeviceLatency:
         if self.facts:
             out["device"] = self.facts
         if self.connection_failure:
-            out["connection"] = self.connection_failure
+            out["connection"] = ": ".join(self.connection_failure)
         if self.groups:
             out["estimates"] = self.groups
         if self.device.power_mode_command:
@@ -121,13 +122,13 @@ def latency_input(x: np.ndarray, batch: int) -> np.ndarray:
     return x[:batch] if len(x) >= batch else x[:1].repeat(batch, axis=0)
 
 
-def estimate_check(group: str) -> dict:
-    """How an estimate group was calibrated, and its error on every published figure of the group:
-    the held-out ones (never fitted) and the calibration ones (the fit's residuals)."""
+def estimate_check(group: str, pool: Optional[list[DeviceProfile]] = None) -> dict:
+    """How an estimate group was calibrated, and its out-of-sample error on every published figure of the
+    group (each calibration figure left out of the fit in turn; held-out figures never fitted)."""
     from rescompress.bench.estimate import calibrate, figure_errors
 
-    cal = calibrate(group)
-    return {"parameters": cal.describe(), "figures": figure_errors(group)}
+    cal = calibrate(group, pool)
+    return {"parameters": cal.describe(), "figures": figure_errors(group, pool)}
 
 
 SUFFIX_RUNTIMES = {".onnx": ("onnxruntime", "tensorrt"), ".tflite": ("tflite",), ".engine": ("tensorrt",),

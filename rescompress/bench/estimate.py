@@ -285,6 +285,14 @@ def _figures(group: str, devices, use: str) -> list[tuple["DeviceProfile", "Publ
 
 
 _CALIBRATIONS: dict[str, Calibration] = {}
+_CHECKS: dict[str, list[dict]] = {}
+
+
+def _key(group: str, pairs: list[tuple["DeviceProfile", "PublishedLatency"]]) -> str:
+    """A cache key holding everything a fit reads: the figures and their devices' units."""
+    return json.dumps([group] + [[d.name, f.model_dump(mode="json"),
+                                  d.compute[d.runtimes[f.runtime].unit].model_dump(mode="json")
+                                  if d.runtimes[f.runtime].unit else None] for d, f in pairs], sort_keys=True)
 
 
 def calibrate(group: str, devices: Optional[list["DeviceProfile"]] = None) -> Calibration:
@@ -293,10 +301,7 @@ def calibrate(group: str, devices: Optional[list["DeviceProfile"]] = None) -> Ca
     Raises ValueError when the group has no calibration figure that can be evaluated.
     """
     pairs = _figures(group, devices, "calibrate")
-    # the cache key holds everything the fit reads: the calibration figures and their devices' units
-    key = json.dumps([group] + [[d.name, f.model_dump(mode="json"),
-                                 d.compute[d.runtimes[f.runtime].unit].model_dump(mode="json")
-                                 if d.runtimes[f.runtime].unit else None] for d, f in pairs], sort_keys=True)
+    key = _key(group, pairs)
     if key in _CALIBRATIONS:
         return _CALIBRATIONS[key]
     ready, skipped = [], []
@@ -386,17 +391,15 @@ def leave_one_out_errors(group: str, devices: Optional[list["DeviceProfile"]] = 
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def _group_checks(group: str) -> tuple:
-    return tuple(leave_one_out_errors(group) + holdout_errors(group))
-
-
 def figure_errors(group: str, devices: Optional[list["DeviceProfile"]] = None) -> list[dict]:
     """Every figure of the group beside its out-of-sample estimate: calibration figures left out of the fit
-    in turn, then the held-out ones; each row says its `use` and `check`."""
-    if devices is None:
-        return [dict(r) for r in _group_checks(group)]
-    return leave_one_out_errors(group, devices) + holdout_errors(group, devices)
+    in turn, then the held-out ones; each row says its `use` and `check` (cached per group and figures)."""
+    from rescompress.devices import group_figures
+
+    key = _key(group, group_figures(group, devices))
+    if key not in _CHECKS:
+        _CHECKS[key] = leave_one_out_errors(group, devices) + holdout_errors(group, devices)
+    return [dict(r) for r in _CHECKS[key]]
 
 
 # ------------------------------------------------------------------------------------------------------ estimate
