@@ -235,11 +235,12 @@ def _recommendations(report: Mapping[str, Any]) -> list[Block]:
         rows.append([
             d["name"], rec["artifact"] if rec else "none", fmt_pct(result.get("top1")),
             fmt_pt(result.get("delta_top1_pt")), fmt_ms(latency.get("p50_ms")),
-            fmt_text(latency.get("source")), fmt_text(rec.get("reason") if rec else None),
+            fmt_text(latency.get("source")), fmt_text(result.get("top1_source")),
+            fmt_text(rec.get("reason") if rec else None),
         ])
     return [
         Heading(2, "Recommendations"),
-        Table(["Device", "Artifact", "Top-1 %", "Δ pt", "p50 ms", "Latency source", "Reason"],
+        Table(["Device", "Artifact", "Top-1 %", "Δ pt", "p50 ms", "Latency source", "Top-1 measured on", "Reason"],
               rows, frozenset({2, 3, 4})),
         Figure(ALL_DEVICES, "Accuracy vs p50 latency, all devices"),
     ]
