@@ -8,6 +8,7 @@ to reach it (ssh, adb) and how it reports its power mode.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -213,7 +214,8 @@ def group_figures(group: str, devices: Optional[list[DeviceProfile]] = None) -> 
             if rt is None or rt.estimate_group != group:
                 continue
             unit = dev.compute.get(rt.unit) if rt.unit else None
-            same = (fig.model_dump_json(), unit.model_dump_json() if unit else None)
+            same = json.dumps([fig.model_dump(mode="json"), unit.model_dump(mode="json") if unit else None],
+                              sort_keys=True)
             if same not in seen:  # a copy of a profile (another name, same hardware) adds no evidence
                 seen.add(same)
                 out.append((dev, fig))

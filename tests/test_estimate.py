@@ -199,3 +199,13 @@ def test_clear_messages_when_nothing_to_estimate_from(shipped):
     est = estimate_latency(board, "tflite", "fp32", layers, devices=[board])
     assert est.latency is None and "'lonely'" in est.message and "use: calibrate" in est.message
     assert "no runtime 'tensorrt'" in estimate_latency(board, "tensorrt", "fp32", layers, devices=[board]).message
+
+
+def test_an_estimate_far_outside_the_calibration_sizes_says_so(shipped):
+    orin = by_name(shipped, "jetson-agx-orin")
+    small = layer_table(build_model("resnet20", num_classes=10, in_channels=1, small_input=True),
+                        torch.zeros(1, 1, 32, 32))
+    note = estimate_latency(orin, "tensorrt", "int8", small, devices=shipped).latency["extrapolated"]
+    assert note.startswith("extrapolated: 40.5M MACs per image, against 1.81-4.09G") and "measure on the device" in note
+    inside = estimate_latency(orin, "tensorrt", "int8", list(reference_layers("resnet34")), devices=shipped)
+    assert "extrapolated" not in inside.latency

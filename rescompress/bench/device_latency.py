@@ -101,7 +101,7 @@ class DeviceLatency:
         group = est.latency.get("group")
         if group and group not in self.groups:
             self.groups[group] = estimate_check(group, self.pool)
-        return LatencyResult(est.latency)
+        return LatencyResult(est.latency, est.latency.get("extrapolated", ""))
 
     def provenance(self) -> dict:
         """What stands beside this device's numbers: how each runtime's latency was taken, and from where."""

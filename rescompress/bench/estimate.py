@@ -404,6 +404,23 @@ def figure_errors(group: str, devices: Optional[list["DeviceProfile"]] = None) -
 
 # ------------------------------------------------------------------------------------------------------ estimate
 
+EXTRAPOLATION_FACTOR = 10.0  # MACs this many times outside the calibration figures' range: say so
+
+
+def _extrapolation(layers: list[Layer], cal: Calibration) -> str:
+    """A warning when the model is far outside the sizes the group was calibrated on: there, the per-kernel
+    and fixed costs the fit could barely see decide the estimate."""
+    macs = sum(layer.macs for layer in layers) / max(1, layers[0].batch)
+    sizes = [sum(x.macs for x in reference_layers(f.model, f.input_size, f.num_classes, f.batch)) / f.batch
+             for f in cal.figures]
+    low, high = min(sizes), max(sizes)
+    if low / EXTRAPOLATION_FACTOR <= macs <= high * EXTRAPOLATION_FACTOR:
+        return ""
+    return (f"extrapolated: {macs / 1e6:.1f}M MACs per image, against {low / 1e9:.2f}-{high / 1e9:.2f}G in the "
+            f"figures it was calibrated on; the per-kernel cost (fitted {cal.params['layer_us']:.2g} us) decides "
+            f"it here, so measure on the device before relying on it")
+
+
 @dataclass
 class Estimate:
     latency: Optional[dict]  # None with `message` saying why
@@ -438,6 +455,7 @@ def estimate_latency(device: "DeviceProfile", runtime: str, precision: str, laye
     checks = [r["error_pct"] for r in figure_errors(group, devices) if r["error_pct"] is not None]
     p50 = roofline_ms(layers, precision, unit.peak_tops[precision], unit.memory_gbps, cal.params)
     return Estimate({
+        **({"extrapolated": note} if (note := _extrapolation(layers, cal)) else {}),
         "source": "estimated",
         "p50_ms": float(p50),
         "batch": int(layers[0].batch),
