@@ -280,7 +280,8 @@ def _device(device: Mapping[str, Any]) -> list[Block]:
         Paragraph(f"{STAR} on the accuracy-vs-latency Pareto front: no other result here is both at least "
                   "as fast (p50) and at least as accurate. Δ pt is top-1 minus the baseline's torch top-1. "
                   "Latency sources: measured (this host), measured-remote (on the device, over ssh), estimated "
-                  "(roofline calibrated on published figures; its error on held-out figures is below)."),
+                  "(roofline calibrated on published figures; its out-of-sample error on them is in the "
+                  "provenance below)."),
     ]
     messages = [f"{r['artifact']} ({r['status']}): {fmt_text(r.get('message'))}"
                 for r in results if r["status"] != "ok" or r.get("message")]
