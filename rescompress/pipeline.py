@@ -320,7 +320,7 @@ class Runner:
         at the latency batch: what latency estimates are computed from."""
         from rescompress.bench.estimate import layer_table
 
-        step, source = self.export_sources(model)["fp32"]
+        _, source = self.export_sources(model)["fp32"]
         return layer_table(source, self._example(self.recipe.report.latency.batch))
 
     def _calibration(self, n: int):
@@ -434,15 +434,22 @@ class Runner:
                             "provenance": source.provenance()})
         return art_rows, devices
 
-    def _proxy_top1(self, art: Any, x_test: Any, y_test: Any) -> tuple[float, str]:
+    def _proxy_top1(self, art: Any, x_test: Any, y_test: Any) -> tuple[Optional[float], Optional[str]]:
         """Top-1 of a deferred TensorRT export, from the ONNX file its engine is built from, run in
         onnxruntime here: a proxy (TensorRT's kernels round differently), labelled as one."""
         from rescompress.export.artifact import top1
         from rescompress.export.onnx import ort_runner, ort_version
 
-        run = ort_runner(art.path, None)
-        return top1(run, x_test, y_test), (f"proxy: onnxruntime {ort_version()} on this host, on the ONNX the "
-                                           f"engine is built from (TensorRT not run)")
+        try:
+            run = ort_runner(art.path, None)
+            return top1(run, x_test, y_test), (f"proxy: onnxruntime {ort_version()} on this host, on the ONNX the "
+                                               f"engine is built from (TensorRT not run)")
+        except Exception as exc:  # onnxruntime cannot run this file: the artifact stays deferred, without a top-1
+            from rich.markup import escape
+
+            self.console.print(f"  [yellow]{art.name}: no proxy top-1 ({escape(f'{type(exc).__name__}: {exc}')})"
+                               f"[/yellow]")
+            return None, None
 
     def _device_result(self, device: DeviceProfile, art: Any, row: dict, source: Any, baseline_top1: float) -> dict:
         """One artifact on one device: top-1 (with where it was measured), size, and latency with its source."""

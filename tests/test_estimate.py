@@ -209,3 +209,14 @@ def test_an_estimate_far_outside_the_calibration_sizes_says_so(shipped):
     assert note.startswith("extrapolated: 40.5M MACs per image, against 1.81-4.09G") and "measure on the device" in note
     inside = estimate_latency(orin, "tensorrt", "int8", list(reference_layers("resnet34")), devices=shipped)
     assert "extrapolated" not in inside.latency
+
+
+def test_a_figure_for_an_unknown_model_is_skipped_with_its_reason(shipped):
+    from rescompress.devices import PublishedLatency
+
+    pi = by_name(shipped, "raspberry-pi-5")
+    odd = PublishedLatency(model="resnet99", runtime="tflite", precision="fp16", latency_ms=10.0, source="a blog")
+    devices = [d for d in shipped if d.name != pi.name] + [pi.model_copy(update={"published": [*pi.published, odd]})]
+    cal = calibrate("arm-cortex-a-cpu", devices)
+    assert len(cal.figures) == 2 and "'resnet99', which is not a registry model" in cal.skipped[0]
+    assert len(figure_errors("arm-cortex-a-cpu", devices)) == 2

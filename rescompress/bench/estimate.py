@@ -265,6 +265,11 @@ class _Figure:
             self.problem = f"{device.name} unit {rt.unit} has no peak_tops for {fig.precision}"
             return
         self.peak, self.bandwidth = unit.peak_tops[fig.precision], unit.memory_gbps
+        from rescompress.models import MODELS
+
+        if fig.model not in MODELS:
+            self.problem = f"{device.name} publishes a figure for '{fig.model}', which is not a registry model"
+            return
         self.layers = reference_layers(fig.model, fig.input_size, fig.num_classes, fig.batch)
 
     def estimate(self, params: dict[str, float]) -> float:
