@@ -58,10 +58,13 @@ def test_bench_over_ssh(onnx_model, sshd, tmp_path, monkeypatch):
     (["{model}", "--device", "galaxy-s24"], r"galaxy-s24 does not run onnxruntime \(its runtimes: tflite\)"),
     (["{model}", "--runtime", "tflite"], r"cannot run on tflite"),
     (["{model}", "--device", "jetson-nanoo"], "unknown device 'jetson-nanoo'"),
+    (["{garbage}"], r"garbage.onnx is not a readable ONNX file"),
 ])
-def test_bench_bad_input(onnx_model, args, match):
+def test_bench_bad_input(onnx_model, tmp_path, args, match):
     import re
 
-    result = bench(*[a.format(model=onnx_model) for a in args])
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not an onnx protobuf" * 8)
+    result = bench(*[a.format(model=onnx_model, garbage=garbage) for a in args])
     assert result.exit_code == 2
     assert re.search(match, " ".join(result.output.split())), result.output

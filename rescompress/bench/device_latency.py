@@ -139,7 +139,12 @@ def onnx_precision(path: Path) -> str:
     """int8 for a QDQ graph, fp16 for half-precision weights, else fp32."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    from rescompress.errors import RescompressError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends on a file that is not ONNX
+        raise RescompressError(f"{path.name} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         return "int8"
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
