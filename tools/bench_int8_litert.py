@@ -16,7 +16,6 @@ int8 may be no faster than fp32. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ from rescompress.export.tflite import (
     litert_version,
     tflite_runner,
 )
+from rescompress.fileio import atomic_write_json
 
 REFERENCE = "int8-litert_torch"
 
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               "rounds": args.rounds, "results": rows, "cpu_flags": _cpu_flags(),
               "provenance": {**provenance(), "ai_edge_litert": litert_version(),
                              "litert_torch": dist_version("litert-torch")}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {atomic_write_json(args.out, result)}")
     return 0
 
 

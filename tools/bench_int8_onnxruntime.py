@@ -12,7 +12,6 @@ noise hits all of them alike; the figure to read is the ratio of medians. Prints
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from rescompress.bench.latency import measure_latency, provenance
 from rescompress.compress import pt2e
 from rescompress.compress.schemes import SCHEMES, ResNetQuantizer
 from rescompress.export.onnx import OnnxConfig, export_onnx, ort_runner
+from rescompress.fileio import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     Console().print(table)
     result = {"model": args.model, "size": args.size, "threads": args.threads, "runs": args.runs,
               "rounds": args.rounds, "results": rows, "provenance": provenance()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {atomic_write_json(args.out, result)}")
     return 0
 
 

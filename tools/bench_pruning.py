@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from rescompress.bench.int8 import bench_model
 from rescompress.bench.latency import provenance
 from rescompress.bench.paired import time_paired
 from rescompress.compress.prune import prune_model
+from rescompress.fileio import atomic_write_json
 from rescompress.profile import count_macs
 
 RUNTIMES = ("onnxruntime", "tflite")
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "size": args.size, "round_to": args.round_to, "threads": args.threads,
               "runs": args.runs, "rounds": args.rounds, "importance": "l2", "scope": "uniform",
               "results": rows, "provenance": provenance()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    console.print(f"wrote {out}")
+    console.print(f"wrote {atomic_write_json(out, result)}")
     return 0
 
 

@@ -12,7 +12,6 @@ achieved = 2 x MACs / p50. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from rich.table import Table
 from rescompress.bench.int8 import bench_model
 from rescompress.bench.latency import provenance
 from rescompress.bench.paired import time_paired
+from rescompress.fileio import atomic_write_json
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     Console().print(table)
     result = {"model": args.model, "size": args.size, "threads": args.threads, "peaks": peaks, "results": rows,
               "provenance": provenance()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    console.print(f"wrote {out}")
+    console.print(f"wrote {atomic_write_json(out, result)}")
     return 0
 
 
