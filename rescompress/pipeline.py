@@ -188,8 +188,8 @@ class Runner:
         spec = self.data.input_spec
         return torch.zeros(batch, spec.channels, spec.height, spec.width)
 
-    def _stage_record(self, name: str, kind: str, model: Any, seconds: float, notes: list[str],
-                      history: Optional[list] = None, extra: Optional[dict] = None) -> dict:
+    def _stage_record(self, name: str, kind: str, model: Any, seconds: float, train_seconds: float,
+                      notes: list[str], history: Optional[list] = None, extra: Optional[dict] = None) -> dict:
         from rescompress.profile import profile
         from rescompress.rundir import checkpoint_suffix
         from rescompress.train import evaluate
@@ -200,6 +200,7 @@ class Runner:
         ckpt = Path("checkpoints") / f"{'00-' if name == 'baseline' else ''}{name}{checkpoint_suffix(model)}"
         return {"name": name, "kind": kind, "top1": evaluate(model, self.data.test, spec, bs), "val_top1": val,
                 "precision": "fp32", **(extra or {}), **profile(model, self._example()), "seconds": round(seconds, 2),
+                "train_seconds": round(train_seconds, 2),
                 "checkpoint": str(ckpt), "notes": notes, "history": history or []}
 
     def _load_step(self, step: str) -> Any:
@@ -220,7 +221,7 @@ class Runner:
         import torch
 
         from rescompress.models import apply_freeze, build_model, load_weights
-        from rescompress.train import fit
+        from rescompress.train import fit, training_clock
 
         step = "baseline"
         if (done := self.manifest.done(step)):
@@ -237,17 +238,19 @@ class Runner:
         if frozen:
             notes.append(f"freeze {self.recipe.model.freeze}: {frozen:,} parameters frozen")
         history = []
-        if self.recipe.train.epochs:
-            history = fit(model, self.data, self.recipe.train, seed=self.recipe.seed, console=self.console,
-                          state_path=self.run_dir / "checkpoints" / f"{step}.state.pt", desc="baseline")
+        with training_clock() as spent:
+            if self.recipe.train.epochs:
+                history = fit(model, self.data, self.recipe.train, seed=self.recipe.seed, console=self.console,
+                              state_path=self.run_dir / "checkpoints" / f"{step}.state.pt", desc="baseline")
         for p in model.parameters():
             p.requires_grad_(True)
-        record = self._stage_record(step, "train", model.eval(), time.time() - t0, notes, history)
+        record = self._stage_record(step, "train", model.eval(), time.time() - t0, spent[0], notes, history)
         self._finish_step(step, model, record)
         return model
 
     def stage(self, index: int, model: Any) -> Any:
         from rescompress.stages import StageContext
+        from rescompress.train import training_clock
 
         entry = self.recipe.stages[index]
         step = stage_step(index, entry.kind)
@@ -262,8 +265,10 @@ class Runner:
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self.console.rule(f"{step}: {spec.summary}")
-        model = spec.run(model, entry.config, ctx).eval()
-        record = self._stage_record(step, entry.kind, model, time.time() - t0, ctx.notes, extra=ctx.record)
+        with training_clock() as spent:
+            model = spec.run(model, entry.config, ctx).eval()
+        record = self._stage_record(step, entry.kind, model, time.time() - t0, spent[0], ctx.notes,
+                                    extra=ctx.record)
         self._finish_step(step, model, record)
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
         return model
@@ -493,7 +498,8 @@ class Runner:
             "recipe": {"name": self.recipe.name, "path": str(self.plan.source) if self.plan.source else None,
                        "accuracy_budget_pt": self.recipe.report.accuracy_budget_pt},
             "run": {"dir": str(self.run_dir), "started": started, "finished": now(),
-                    "seconds": round(sum(float(e.get("seconds", 0)) for e in self.manifest.data["steps"].values()), 1)},
+                    "seconds": round(sum(float(e.get("seconds", 0)) for e in self.manifest.data["steps"].values()), 1),
+                    "steps": step_times(self.manifest.data["steps"])},
             "dataset": self.data.summary(),
             "model": {"name": self.plan.arch["name"], "weights": self.recipe.model.weights, "arch": self.plan.arch},
             "stages": stages,
@@ -503,6 +509,19 @@ class Runner:
         }
         write_report(report, self.run_dir)
         return report
+
+
+def step_times(steps: dict) -> list[dict]:
+    """Per finished step of the manifest: its wall seconds and, for training steps, the seconds in epochs."""
+    rows = []
+    for name, entry in steps.items():
+        if entry.get("seconds") is None:
+            continue
+        row = {"step": name, "seconds": float(entry["seconds"])}
+        train = (entry.get("record") or {}).get("train_seconds")
+        row["train_seconds"] = float(train) if train is not None else 0.0
+        rows.append(row)
+    return rows
 
 
 def lint_targets(art: Any, devices: list[DeviceProfile]) -> list[str]:

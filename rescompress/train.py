@@ -6,10 +6,12 @@ when that file exists, continues from it: a killed run resumes mid-stage with th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,6 +28,22 @@ from rescompress.recipe import TrainConfig
 
 # loss_fn(model, x, y) -> (loss, logits): the logits are the model's own, for the running train top-1.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+_clock: ContextVar[Optional[list[float]]] = ContextVar("rescompress_training_clock", default=None)
+
+
+@contextlib.contextmanager
+def training_clock() -> Iterator[list[float]]:
+    """Sum the seconds spent in `fit` epochs (training and the per-epoch validation) inside the block:
+    `with training_clock() as spent: ...; spent[0]`. A pipeline step's time minus this is its overhead
+    (pruning analysis, calibration, conversion, export)."""
+    spent = [0.0]
+    token = _clock.set(spent)
+    try:
+        yield spent
+    finally:
+        _clock.reset(token)
 
 
 def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -143,6 +161,8 @@ def fit(
                 "seconds": time.perf_counter() - t0,
             }
             history.append(row)
+            if (spent := _clock.get()) is not None:
+                spent[0] += row["seconds"]
             val = f" val {row['val_top1'] * 100:.1f}%" if row["val_top1"] is not None else ""
             console.print(f"  {desc} epoch {epoch + 1}/{epochs}  loss {row['loss']:.3f}  "
                           f"train {row['train_top1'] * 100:.1f}%{val}  {row['seconds']:.1f}s")

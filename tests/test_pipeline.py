@@ -71,6 +71,17 @@ def test_tiny_recipe_end_to_end(tmp_path, console):
     md = (run_dir / "report.md").read_text()
     assert "onnx-fp32" in md and "measured" in md
 
+    # where the time went: every step, training epochs counted inside the training steps only
+    steps = {s["step"]: s for s in on_disk["run"]["steps"]}
+    assert list(steps) == ["baseline", "01-finetune", "export", "measure"]
+    for name in ("baseline", "01-finetune"):
+        assert 0 < steps[name]["train_seconds"] <= steps[name]["seconds"]
+        stage = next(s for s in on_disk["stages"] if s["name"] == name)
+        assert stage["train_seconds"] == steps[name]["train_seconds"]
+    assert steps["export"]["train_seconds"] == 0 and steps["export"]["seconds"] > 0
+    assert sum(s["seconds"] for s in steps.values()) == pytest.approx(on_disk["run"]["seconds"], abs=0.1)
+    assert "## Time" in md and "outside training epochs" in md
+
 
 def test_same_seed_same_result(tmp_path, console):
     path = write_recipe(tmp_path / "tiny.yaml", {**TINY_RECIPE, "export": []})

@@ -172,6 +172,23 @@ def _stages(report: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
+def _time(run: Mapping[str, Any]) -> list[Block]:
+    """Wall time per pipeline step, and how much of it went to training epochs."""
+    steps = run.get("steps") or []
+    total = sum(s["seconds"] for s in steps)
+    if not steps or total <= 0:
+        return []
+    train = sum(s.get("train_seconds") or 0.0 for s in steps)
+    rows = [[s["step"], fmt_seconds(s["seconds"]), fmt_seconds(s.get("train_seconds")),
+             f"{100 * s['seconds'] / total:.1f}"] for s in steps]
+    rows.append(["total", fmt_seconds(total), fmt_seconds(train), "100.0"])
+    return [Heading(2, "Time"),
+            Paragraph(f"{total:.1f} s in all; {100 * (total - train) / total:.1f} % outside "
+                      f"training epochs (pruning analysis, calibration, int8 conversion, export, measurement). "
+                      f"A step resumed after an interruption counts its time since the resume."),
+            Table(["Step", "Seconds", "In training s", "Share %"], rows, frozenset({1, 2, 3}))]
+
+
 def _lint_summary(artifact: Mapping[str, Any]) -> str:
     """Per lint target: "passes" or its error and warning counts."""
     checked = artifact.get("lint_checked") or {}
@@ -349,6 +366,7 @@ def build_document(report: Mapping[str, Any]) -> list[Block]:
     blocks += _stages(report) + _artifacts(report)
     for device in report["devices"]:
         blocks += _device(device)
+    blocks += _time(report["run"])
     provenance = report["provenance"]
     blocks += [Heading(2, "Provenance"), Fields([(str(k), fmt_text(v)) for k, v in provenance.items()])]
     return blocks

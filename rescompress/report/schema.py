@@ -12,7 +12,9 @@ Top level (all required):
 - `recipe` (object): `name` (str); `path` (str, optional): the recipe file as given;
   `accuracy_budget_pt` (number, optional): the default accuracy budget, in pt below the baseline.
 - `run` (object): `dir` (str): the run directory; `started` (str, ISO-8601);
-  `finished` (str, ISO-8601, optional) and `seconds` (number, optional): absent while a run is unfinished.
+  `finished` (str, ISO-8601, optional) and `seconds` (number, optional): absent while a run is unfinished;
+  `steps` (list, optional): per finished step in order, `step` (str), `seconds` (number) and
+  `train_seconds` (number): the part spent in training epochs (0 for export, measure).
 - `dataset` (object): `name` (str); `num_classes` (int, optional);
   `sizes` (object, optional): split name -> number of samples, e.g. {"train": 1257, "val": 180, "test": 360};
   `input_spec` (object, optional): `channels`, `height`, `width` (int), `mean`, `std` (lists of numbers),
@@ -24,6 +26,7 @@ Top level (all required):
   - `top1` (fraction): test-split top-1 of the stage's torch model; `val_top1` (fraction, optional)
   - `params` (number), `macs` (number): per sample; `size_bytes` (number): the checkpoint's size
   - `seconds` (number, optional), `checkpoint` (str, optional): path relative to the run dir
+  - `train_seconds` (number, optional): the part of `seconds` spent in training epochs
   - `notes` (list of str, optional): anything the stage wants the reader to know
   - `precision` (str, optional): "fp32" | "int8"; `scheme` (str, optional): the int8 layout (tensorrt |
     onnxruntime | tflite); `calibration` (str, optional): "train" | "random" for ptq;
@@ -252,6 +255,10 @@ def validate_report(report: Mapping[str, Any]) -> None:
     c.field(run, "started", "str", "run", required="run" in report)
     c.field(run, "finished", "str", "run", required=False)
     c.field(run, "seconds", "number", "run", required=False)
+    for path, step in c.items(run, "steps", "run", required=False):
+        c.field(step, "step", "str", path)
+        c.field(step, "seconds", "number", path)
+        c.field(step, "train_seconds", "number", path, required=False)
     c.field(dataset, "name", "str", "dataset", required="dataset" in report)
     c.field(dataset, "num_classes", "int", "dataset", required=False)
     c.field(dataset, "sizes", "object", "dataset", required=False)
@@ -269,6 +276,7 @@ def validate_report(report: Mapping[str, Any]) -> None:
         c.field(stage, "kind", "str", path, required=False)
         c.field(stage, "val_top1", "fraction", path, required=False)
         c.field(stage, "seconds", "number", path, required=False)
+        c.field(stage, "train_seconds", "number", path, required=False)
         c.field(stage, "checkpoint", "str", path, required=False)
         notes = c.field(stage, "notes", "list", path, required=False) or []
         for i, note in enumerate(notes):
