@@ -8,7 +8,7 @@ Builds the model (weights as initialised: latency does not depend on their value
 litert-torch's own PT2EQuantizer (symmetric, per-channel, static) over the same tensors as the converter's
 reference int8 path, then times each in LiteRT with XNNPACK, one interpreter at a time, batch 1. Rounds
 alternate between the models so that machine noise hits all of them alike; the figure to read is the ratio
-of medians. `all-int` says whether every operator of an int8 model computes on integers (the tflite lint);
+of medians (p50: the median of the rounds' medians; p90: over every timed call). `all-int` says whether every operator of an int8 model computes on integers (the tflite lint);
 one that does not falls back to float kernels. XNNPACK's int8 kernels gain most with AVX-512 VNNI / AVX-VNNI
 (x86) or dot-product instructions (ARM); the JSON records the CPU's flags, since on a CPU with AVX2 only
 int8 may be no faster than fp32. Prints a table and writes JSON.
@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rescompress.bench.int8 import bench_model, int8_bench_args
-from rescompress.bench.latency import measure_latency, provenance
+from rescompress.bench.latency import provenance
+from rescompress.bench.paired import time_paired
 from rescompress.compress import pt2e
 from rescompress.compress.schemes import ResNetQuantizer
 from rescompress.export.lint import lint_file
@@ -69,33 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, result in lint.items():
         console.print(f"{name}: {result.summary()}")
     x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
-    p50s: dict[str, list[float]] = {name: [] for name in paths}
-    p90s: dict[str, list[float]] = {name: [] for name in paths}
     width = max(map(len, paths))
-    for r in range(args.rounds):
-        for name, path in paths.items():
-            fn = tflite_runner(path, args.threads)
-            stats = measure_latency(fn, x, warmup=args.warmup, runs=args.runs, threads=args.threads)
-            p50s[name].append(stats.p50_ms)
-            p90s[name].append(stats.p90_ms)
-            console.print(f"round {r + 1}/{args.rounds}  {name:<{width}} p50 {stats.p50_ms:8.3f} ms  "
-                          f"p90 {stats.p90_ms:8.3f} ms")
-            del fn  # drops the interpreter, so only one holds memory and threads at a time
-
-    fp32 = float(np.median(p50s["fp32"]))
-    rows = []
-    for name, path in paths.items():
-        med = float(np.median(p50s[name]))
-        rows.append({"model": name, "p50_ms_median_of_rounds": med, "p50_ms_rounds": p50s[name],
-                     "p90_ms_median_of_rounds": float(np.median(p90s[name])), "p90_ms_rounds": p90s[name],
-                     "quantization": _how(name), "speedup_vs_fp32": fp32 / med, "size_bytes": path.stat().st_size,
-                     "all_int_lint": lint[name].to_dict() if name in lint else None})
+    # one interpreter alive at a time, so only one holds memory and threads
+    paired = time_paired({name: (lambda p=path: tflite_runner(p, args.threads)) for name, path in paths.items()}, x,
+                         rounds=args.rounds, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                         on_round=lambda r, n, p50: console.print(f"round {r + 1}/{args.rounds}  {n:<{width}} p50 {p50:8.3f} ms"))
+    rows = [{"model": name, **paired.summary(name), "quantization": _how(name),
+             "speedup_vs_fp32": paired.ratio("fp32", name), "size_bytes": path.stat().st_size,
+             "all_int_lint": lint[name].to_dict() if name in lint else None} for name, path in paths.items()]
     table = Table(title=f"{args.model} {args.size}x{args.size}, LiteRT (XNNPACK), batch 1, {args.threads} threads")
     for col in ("model", "p50 ms", "p90 ms", "speed-up vs fp32", "size MB", "all-int"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for row in rows:
         verdict = "-" if row["all_int_lint"] is None else ("pass" if row["all_int_lint"]["passed"] else "FAIL")
-        table.add_row(row["model"], f"{row['p50_ms_median_of_rounds']:.3f}", f"{row['p90_ms_median_of_rounds']:.3f}",
+        table.add_row(row["model"], f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}",
                       f"{row['speedup_vs_fp32']:.2f}x", f"{row['size_bytes'] / 1e6:.2f}", verdict)
     Console().print(table)
     result = {"model": args.model, "size": args.size, "threads": args.threads, "runs": args.runs,

@@ -6,8 +6,9 @@
 Builds the model (weights as initialised: latency does not depend on their values), exports the fp32 ONNX
 and one int8 QDQ ONNX per scheme (PTQ, calibrated on random tensors, which only sets the ranges), plus
 onnxruntime's own `quantize_static` of the fp32 ONNX (QDQ, U8S8, per-channel) as the runtime's reference
-int8 path, then times each in onnxruntime, one session at a time, batch 1. Rounds alternate between the models so that machine
-noise hits all of them alike; the figure to read is the ratio of medians. Prints a table and writes JSON.
+int8 path, then times each in onnxruntime, one session at a time, batch 1. Rounds alternate between the
+models so that machine noise hits all of them alike; the figure to read is the ratio of medians (p50: the
+median of the rounds' medians; p90: over every timed call). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rescompress.bench.int8 import bench_model, int8_bench_args
-from rescompress.bench.latency import measure_latency, provenance
+from rescompress.bench.latency import provenance
+from rescompress.bench.paired import time_paired
 from rescompress.compress import pt2e
 from rescompress.compress.schemes import SCHEMES, ResNetQuantizer
 from rescompress.export.onnx import OnnxConfig, export_onnx, ort_runner
@@ -46,27 +48,17 @@ def main(argv: list[str] | None = None) -> int:
 
     paths["int8-ort-quantize_static"] = _ort_quantize_static(paths["fp32"], work / "int8-ort.onnx", calib)
     x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
-    samples: dict[str, list[float]] = {name: [] for name in paths}
-    for r in range(args.rounds):
-        for name, path in paths.items():
-            fn = ort_runner(path, args.threads)
-            stats = measure_latency(fn, x, warmup=args.warmup, runs=args.runs, threads=args.threads)
-            samples[name].append(stats.p50_ms)
-            console.print(f"round {r + 1}/{args.rounds}  {name:<18} p50 {stats.p50_ms:8.3f} ms  p90 {stats.p90_ms:8.3f} ms")
-            del fn
-
-    fp32 = float(np.median(samples["fp32"]))
-    rows = []
-    for name, path in paths.items():
-        med = float(np.median(samples[name]))
-        rows.append({"model": name, "p50_ms_median_of_rounds": med, "p50_ms_rounds": samples[name],
-                     "p90_ms_of_round_p50s": float(np.percentile(samples[name], 90)),
-                     "speedup_vs_fp32": fp32 / med, "size_bytes": path.stat().st_size})
+    width = max(map(len, paths))
+    paired = time_paired({name: (lambda p=path: ort_runner(p, args.threads)) for name, path in paths.items()}, x,
+                         rounds=args.rounds, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                         on_round=lambda r, n, p50: console.print(f"round {r + 1}/{args.rounds}  {n:<{width}} p50 {p50:8.3f} ms"))
+    rows = [{"model": name, **paired.summary(name), "speedup_vs_fp32": paired.ratio("fp32", name),
+             "size_bytes": path.stat().st_size} for name, path in paths.items()]
     table = Table(title=f"{args.model} {args.size}x{args.size}, onnxruntime, batch 1, {args.threads} threads")
-    for col in ("model", "p50 ms", "speed-up vs fp32", "size MB"):
+    for col in ("model", "p50 ms", "p90 ms", "speed-up vs fp32", "size MB"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for row in rows:
-        table.add_row(row["model"], f"{row['p50_ms_median_of_rounds']:.3f}", f"{row['speedup_vs_fp32']:.2f}x",
+        table.add_row(row["model"], f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}", f"{row['speedup_vs_fp32']:.2f}x",
                       f"{row['size_bytes'] / 1e6:.2f}")
     Console().print(table)
     result = {"model": args.model, "size": args.size, "threads": args.threads, "runs": args.runs,
