@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['p90_ms']:.3f}", f"{row['speedup_vs_baseline']:.2f}x", f"{row['macs'] / 1e6:.1f} M",
                       f"{row['size_bytes'] / 1e3:.0f}")
     Console().print(table)
-    result = {"dataset": data.summary(), "run_dir": str(run_dir), "recipe": recipe.name, "threads": args.threads,
+    result = {"dataset": data.summary(), "model": plan.arch["name"], "input_size": spec.height,
+              "run_dir": str(run_dir), "recipe": recipe.name, "threads": args.threads,
               "runs": args.runs, "rounds": args.rounds, "warmup": args.warmup, "calibration_images": len(calib),
               "finetune_epochs": epochs, "results": list(rows.values()), "verdict": verdict,
               "provenance": provenance()}
