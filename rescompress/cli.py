@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rescompress import __version__
+from rescompress import __version__, distributed
 from rescompress.console import TeeConsole
 from rescompress.errors import RescompressError
 
@@ -55,31 +55,47 @@ def run(
             console.print(plan.describe())
             console.print("[green]plan is valid[/green] (dry run: nothing was trained or written)")
             return
-        if resume is not None:
-            plan, run_dir, manifest = pipeline.prepare_resume(resume, recipe)
-            done = [s for s in plan.steps if manifest.done(s)]
-            opening = f"resuming [bold]{run_dir}[/bold] (finished: {', '.join(done) or 'nothing yet'})"
-        else:
-            plan, run_dir, manifest = pipeline.prepare_new(recipe, out)
-            opening = f"run directory: [bold]{run_dir}[/bold]"
-        run_console = TeeConsole(run_dir / "logs" / "run.log", highlight=False)
-        run_console.print(f"rescompress {__version__} · {' '.join(sys.argv)}")
-        run_console.print(opening)
-        run_console.print(plan.describe())
+        world = distributed.init_from_env()  # several processes under torchrun; rank 0 writes
         try:
-            report = pipeline.execute(plan, run_dir, manifest, run_console)
-            _summary(report, run_dir, run_console)
-        except KeyboardInterrupt:
-            run_console.print(f"interrupted; continue with: rescompress run --resume {run_dir}")
-            raise typer.Exit(130) from None
-        except RescompressError as exc:
-            run_console.log_only(f"error: {exc}")  # the terminal gets it from user_errors
-            raise
-        except Exception:
-            run_console.log_exception()  # a bug, not a user error: traceback to the log, and to the terminal below
-            raise
+            _run(recipe, out, resume, world)
         finally:
-            run_console.close()
+            distributed.shutdown()
+
+
+def _run(recipe: Optional[Path], out: Path, resume: Optional[Path], world: "distributed.World") -> None:
+    from rescompress import pipeline
+
+    if resume is not None:
+        plan, run_dir, manifest = pipeline.prepare_resume(resume, recipe)
+        done = [s for s in plan.steps if manifest.done(s)]
+        opening = f"resuming [bold]{run_dir}[/bold] (finished: {', '.join(done) or 'nothing yet'})"
+    else:
+        plan, run_dir, manifest = pipeline.prepare_new(recipe, out)
+        opening = f"run directory: [bold]{run_dir}[/bold]"
+    if not world.main:  # the other ranks train in step with rank 0 and stay silent
+        pipeline.execute(plan, run_dir, manifest, Console(quiet=True))
+        return
+    run_console = TeeConsole(run_dir / "logs" / "run.log", highlight=False)
+    run_console.print(f"rescompress {__version__} · {' '.join(sys.argv)}")
+    run_console.print(opening)
+    if world.size > 1:
+        run_console.print(f"torchrun: {world.size} processes train together (DistributedDataParallel); "
+                          f"rank 0 writes, exports and measures")
+    run_console.print(plan.describe())
+    try:
+        report = pipeline.execute(plan, run_dir, manifest, run_console)
+        _summary(report, run_dir, run_console)
+    except KeyboardInterrupt:
+        run_console.print(f"interrupted; continue with: rescompress run --resume {run_dir}")
+        raise typer.Exit(130) from None
+    except RescompressError as exc:
+        run_console.log_only(f"error: {exc}")  # the terminal gets it from user_errors
+        raise
+    except Exception:
+        run_console.log_exception()  # a bug, not a user error: traceback to the log, and to the terminal below
+        raise
+    finally:
+        run_console.close()
 
 
 def _summary(report: dict, run_dir: Path, console: Console) -> None:
@@ -216,6 +232,69 @@ def bench(
     else:
         err_console.print(f"[bold red]{result['status']}:[/bold red] {escape(result['message'])}", soft_wrap=True)
     if result["status"] != "ok":
+        raise typer.Exit(1)
+
+
+class SweepBackend(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command()
+def sweep(
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (optional with --resume)"),
+    grid: list[str] = typer.Option([], "--grid", "-g", help="PATH=V1,V2,...: a dotted recipe path and its values "
+                                                           "(repeat for more); all combinations are run"),
+    random_trials: Optional[int] = typer.Option(None, "--random", min=1, help="draw this many trials at random "
+                                                                             "from the grid (and sweep.random.space)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random search seed"),
+    backend: Optional[SweepBackend] = typer.Option(None, "--backend", help="local: trials in turn (default); ray: "
+                                                                          "in parallel, one Ray task per trial"),
+    address: Optional[str] = typer.Option(None, "--address", help="a Ray cluster to join (default: start Ray here)"),
+    cpus_per_trial: Optional[float] = typer.Option(None, "--cpus-per-trial", min=0.01, help="Ray: CPUs each trial declares"),
+    gpus_per_trial: Optional[float] = typer.Option(None, "--gpus-per-trial", min=0.0, help="Ray: GPUs each trial declares"),
+    out: Path = typer.Option(Path("runs"), "--out", help="where the sweep directory is created"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue this sweep directory: finished trials are kept"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate every trial's recipe and list the trials; run nothing"),
+) -> None:
+    """Run many variants of a recipe (grid or random search), locally or on Ray, and merge them into one
+    per-device report: the Pareto front over all trials and the fastest artifact within the accuracy budget."""
+    from rich.markup import escape
+
+    from rescompress import sweep as sw
+
+    with user_errors():
+        if resume is not None:
+            if any(v is not None for v in (recipe, random_trials, seed, backend, address, cpus_per_trial,
+                                           gpus_per_trial)) or grid:
+                raise RescompressError("--resume continues a sweep as it was created; give only the sweep directory")
+            job = sw.Sweep.load(resume)
+        elif recipe is None:
+            raise RescompressError("give a recipe file, or --resume SWEEP_DIR")
+        elif dry_run:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                job = sw.Sweep.create(recipe, Path(tmp), grid, random_trials, seed,
+                                      backend.value if backend else None, address, cpus_per_trial, gpus_per_trial)
+                console.print(escape(sw.describe(job)))
+            console.print("[green]every trial's recipe is valid[/green] (dry run: nothing was trained or written)")
+            return
+        else:
+            job = sw.Sweep.create(recipe, out, grid, random_trials, seed, backend.value if backend else None,
+                                  address, cpus_per_trial, gpus_per_trial)
+        console.print(f"sweep directory: [bold]{job.dir}[/bold]")
+        console.print(escape(sw.describe(job)))
+        try:
+            report = sw.run_sweep(job, console)
+        except KeyboardInterrupt:
+            console.print(f"interrupted; continue with: rescompress sweep --resume {job.dir}")
+            raise typer.Exit(130) from None
+    _summary(report, job.dir, console)
+    failed = sw.failed_trials(job)
+    for trial in failed:
+        err_console.print(f"[bold red]trial {trial.id} failed:[/bold red] {escape(trial.message)}", soft_wrap=True)
+    if failed:
         raise typer.Exit(1)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from rich.console import Console
 
+from rescompress import distributed
 from rescompress.devices import DeviceProfile, estimate_pool, load_device
 from rescompress.errors import PlanError, RescompressError, ResumeError, WeightsError
 from rescompress.recipe import Recipe, load_recipe, parse_recipe, save_resolved
@@ -209,10 +210,13 @@ class Runner:
 
     def _finish_step(self, step: str, model: Any, record: dict) -> None:
         ckpt = self.run_dir / record["checkpoint"]
-        digest = save_checkpoint(ckpt, model, self.plan.arch, self.data.input_spec.to_dict(), step,
-                                 {k: record[k] for k in ("top1", "val_top1")})
+        if distributed.is_main():
+            save_checkpoint(ckpt, model, self.plan.arch, self.data.input_spec.to_dict(), step,
+                            {k: record[k] for k in ("top1", "val_top1")})
+            (self.run_dir / "checkpoints" / f"{step}.state.pt").unlink(missing_ok=True)
+        distributed.barrier()  # the other ranks read what rank 0 wrote (a later stage loads the baseline)
+        digest = sha256(ckpt)
         self.manifest.mark(step, record=record, checkpoint=record["checkpoint"], sha256=digest, seconds=record["seconds"])
-        (self.run_dir / "checkpoints" / f"{step}.state.pt").unlink(missing_ok=True)
         self.console.print(f"[green]✓[/green] {step}: test top-1 {record['top1'] * 100:.2f}%  "
                            f"params {record['params']:,}  MACs {record['macs']:,}  ({record['seconds']:.1f}s)")
 
@@ -270,7 +274,8 @@ class Runner:
         record = self._stage_record(step, entry.kind, model, time.time() - t0, spent[0], ctx.notes,
                                     extra=ctx.record)
         self._finish_step(step, model, record)
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(ctx.work_dir, ignore_errors=True)
         return model
 
     def export_sources(self, model: Any) -> dict[str, tuple[str, Any]]:
@@ -519,7 +524,7 @@ def step_times(steps: dict) -> list[dict]:
             continue
         row = {"step": name, "seconds": float(entry["seconds"])}
         train = (entry.get("record") or {}).get("train_seconds")
-        row["train_seconds"] = float(train) if train is not None else 0.0
+        row["train_seconds"] = float(train) if train is not None and not entry.get("reused_from") else 0.0
         rows.append(row)
     return rows
 
@@ -562,7 +567,9 @@ def recommend(results: list[dict], budget_pt: float) -> Optional[dict]:
                       f"within {budget_pt} pt of the baseline's top-1 ({best['delta_top1_pt']:+.2f} pt){proxy}"}
 
 
-def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> dict:
+def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> Optional[dict]:
+    """Run every unfinished step; returns the report (None on the ranks other than 0 under torchrun, which
+    end after the last training step)."""
     if plan.recipe.train.threads:
         import torch
 
@@ -572,6 +579,8 @@ def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> 
     model = runner.baseline()
     for i in range(len(plan.recipe.stages)):
         model = runner.stage(i, model)
+    if not distributed.is_main():
+        return None
     t0 = time.time()
     artifacts = runner.export(model)
     manifest.mark("export", seconds=round(time.time() - t0, 2), artifacts=runner.index(artifacts))
@@ -585,7 +594,26 @@ def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> 
 
 
 def prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest]:
-    """Validate the recipe and create a fresh run directory holding the resolved recipe."""
+    """Validate the recipe and create a fresh run directory holding the resolved recipe. Under torchrun,
+    rank 0 creates it and the other ranks plan the same recipe into that directory."""
+    if distributed.world().size <= 1:
+        return _prepare_new(recipe_path, out_root)
+    made: Any = None
+    if distributed.is_main():
+        try:
+            plan, run_dir, manifest = _prepare_new(recipe_path, out_root)
+            made = str(run_dir)
+        except RescompressError as exc:
+            made = exc
+    made = distributed.broadcast(made)
+    if isinstance(made, Exception):
+        raise made
+    if distributed.is_main():
+        return plan, run_dir, manifest
+    return make_plan(load_recipe(recipe_path), source=recipe_path), Path(made), Manifest.load(Path(made))
+
+
+def _prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest]:
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe, source=recipe_path)
     run_dir = new_run_dir(out_root, recipe.name or "run")

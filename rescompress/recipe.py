@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rescompress.errors import RecipeError
 from rescompress.registry import suggest
@@ -72,6 +72,47 @@ class ReportConfig(Strict):
     latency: LatencyConfig = LatencyConfig()
 
 
+class RangeSpec(Strict):
+    """A range to draw from in a random sweep: uniform in [low, high], or log-uniform with `log`."""
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RangeSpec":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class RandomSearch(Strict):
+    trials: int = Field(..., gt=0, description="how many distinct trials to draw")
+    seed: int = 0
+    space: dict[str, Union[list[Any], RangeSpec]] = Field(
+        default_factory=dict, description="dotted recipe path -> a list of choices or {low, high, log, integer}")
+
+
+class SweepConfig(Strict):
+    """The `sweep:` section, read by `rescompress sweep` (`rescompress run` runs the recipe as written)."""
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted recipe path -> values; all combinations")
+    random: Optional[RandomSearch] = Field(None, description="draw this many trials from the grid's values and `space`")
+    backend: Literal["local", "ray"] = "local"
+    address: Optional[str] = Field(None, description="a Ray cluster's address; default: start Ray on this machine")
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, value: dict) -> dict:
+        empty = [k for k, v in value.items() if not v]
+        if empty:
+            raise ValueError(f"no values for {', '.join(empty)}")
+        return value
+
+
 class StageEntry(Strict):
     """One stage of the recipe's ``stages:`` list, after validation against the stage's config class."""
 
@@ -106,6 +147,7 @@ class Recipe(Strict):
     export: list[ExportEntry] = Field(default_factory=lambda: [ExportEntry(target="onnx", config=_config_for("target", "onnx", {}))])
     devices: list[str] = ["host-cpu"]
     report: ReportConfig = ReportConfig()
+    sweep: Optional[SweepConfig] = None
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -285,6 +327,14 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, source)) from None
+
+
+def parse_sweep(data: Any, source: str = "sweep") -> SweepConfig:
+    """A sweep section (as data) validated on its own, errors phrased like a recipe's."""
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, f"{source}: sweep")) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -63,7 +63,10 @@ class Manifest:
             raise ResumeError(f"{path} is damaged ({exc}); the run cannot be resumed") from None
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        from rescompress.distributed import is_main
+
+        if is_main():  # under torchrun the other ranks keep their copy in memory
+            atomic_write_json(self.path, self.data)
 
     def done(self, step: str) -> Optional[dict]:
         entry = self.data["steps"].get(step)

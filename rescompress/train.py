@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rescompress import distributed
 from rescompress.data import DatasetBundle, InputSpec, Split, batches
 from rescompress.errors import PlanError, ResumeError
 from rescompress.fileio import atomic_write
@@ -129,6 +130,8 @@ def fit(
         start_epoch, history = _load_state(state_path, model, optimizer, generator)
         console.print(f"[dim]{desc}: resuming after epoch {start_epoch}/{epochs}[/dim]")
 
+    ranks = distributed.world().size
+    trained = distributed.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
     with progress_bar(console) as progress:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
@@ -140,9 +143,12 @@ def fit(
             loss_sum = 0.0
             for i, (x, y) in enumerate(batches(data.train, data.input_spec, cfg.batch_size, shuffle=True,
                                                 generator=generator, augment=augment)):
+                if len(y) < 2 * ranks and ranks > 1:
+                    continue  # a last batch too small to split: every rank skips it alike
+                x, y = distributed.shard(x, y)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(epoch * steps_per_epoch + i, total, base_lr, cfg, steps_per_epoch)
-                loss, logits = loss_fn(model, x, y)
+                loss, logits = loss_fn(trained, x, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
@@ -153,6 +159,9 @@ def fit(
                 correct += (logits.detach().argmax(1) == y).sum().item()
                 progress.update(task, advance=1, info=f"loss {loss_sum / seen:.3f}")
             progress.remove_task(task)
+            if ranks > 1:
+                loss_sum, seen, correct = distributed.all_sum([loss_sum, seen, correct])
+                distributed.sync_state(model)
             row = {
                 "epoch": epoch + 1,
                 "loss": loss_sum / max(1, seen),
@@ -166,7 +175,7 @@ def fit(
             val = f" val {row['val_top1'] * 100:.1f}%" if row["val_top1"] is not None else ""
             console.print(f"  {desc} epoch {epoch + 1}/{epochs}  loss {row['loss']:.3f}  "
                           f"train {row['train_top1'] * 100:.1f}%{val}  {row['seconds']:.1f}s")
-            if state_path is not None:
+            if state_path is not None and distributed.is_main():
                 _save_state(state_path, epoch + 1, history, model, optimizer, generator)
     model.eval()
     return history

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 HEAVY = ["tensorflow", "tensorrt", "torch_tensorrt", "litert_torch", "ai_edge_litert", "ai_edge_quantizer", "onnx2tf",
-         "tf_keras", "jax", "neural_compressor", "matplotlib"]
+         "tf_keras", "jax", "neural_compressor", "matplotlib", "ray"]
 
 
 def _modules_after(code: str) -> set[str]:
@@ -22,5 +22,6 @@ def test_import_rescompress_is_light():
 
 
 def test_cli_and_pipeline_import_no_backend():
-    loaded = _modules_after("import rescompress.cli, rescompress.pipeline, rescompress.recipe, rescompress.export")
+    loaded = _modules_after("import rescompress.cli, rescompress.pipeline, rescompress.recipe, rescompress.export, "
+                            "rescompress.sweep, rescompress.distributed")
     assert not loaded & set(HEAVY), loaded & set(HEAVY)

@@ -183,9 +183,11 @@ def _teacher(cfg: DistillConfig, ctx: StageContext) -> "nn.Module":
         else:
             fit(teacher, ctx.data, ctx.recipe.train, epochs=spec.epochs, lr=spec.lr, seed=ctx.seed + 1000 + ctx.index,
                 console=ctx.console, state_path=ctx.work_dir / "teacher-state.pt", desc=f"teacher {spec.model}")
+            from rescompress.distributed import is_main
             from rescompress.fileio import atomic_write
 
-            atomic_write(done, lambda p: torch.save(teacher.state_dict(), p))
+            if is_main():  # under torchrun only rank 0 writes
+                atomic_write(done, lambda p: torch.save(teacher.state_dict(), p))
         origin = f"trained here for {spec.epochs or ctx.recipe.train.epochs} epochs"
     spec_in = ctx.data.input_spec
     acc = evaluate(teacher, ctx.data.test, spec_in, ctx.recipe.train.eval_batch_size)

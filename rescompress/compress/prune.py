@@ -459,6 +459,7 @@ def prune(model: "nn.Module", cfg: PruneConfig, ctx: StageContext) -> "nn.Module
     """
     import torch
 
+    from rescompress.distributed import is_main
     from rescompress.fileio import atomic_write
     from rescompress.train import fit
 
@@ -485,7 +486,8 @@ def prune(model: "nn.Module", cfg: PruneConfig, ctx: StageContext) -> "nn.Module
 
     def on_step(step: int, m: "nn.Module") -> None:
         state = m.state_dict()
-        atomic_write(_pruned_file(ctx.work_dir, step), lambda p: torch.save(state, p))
+        if is_main():  # under torchrun only rank 0 writes
+            atomic_write(_pruned_file(ctx.work_dir, step), lambda p: torch.save(state, p))
         finetune(step, m)
 
     reference = model

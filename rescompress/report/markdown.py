@@ -172,6 +172,19 @@ def _stages(report: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
+def _trials(sweep: Mapping[str, Any] | None) -> list[Block]:
+    """A merged sweep report: what each trial changed, and how it ended."""
+    if not sweep or not sweep.get("trials"):
+        return []
+    rows = [[t["id"], ", ".join(f"{k}={v}" for k, v in (t.get("overrides") or {}).items()) or "(as written)",
+             fmt_text(t.get("status")), fmt_seconds(t.get("seconds")), fmt_text(t.get("run_dir")),
+             fmt_text(t.get("message"))] for t in sweep["trials"]]
+    return [Heading(2, "Trials"),
+            Paragraph(f"Backend {fmt_text(sweep.get('backend'))}. Artifacts above are named trial/artifact; each "
+                      f"trial's own report is in its run directory."),
+            Table(["Trial", "Overrides", "Status", "Time s", "Run dir", "Message"], rows, frozenset({3}))]
+
+
 def _time(run: Mapping[str, Any]) -> list[Block]:
     """Wall time per pipeline step, and how much of it went to training epochs."""
     steps = run.get("steps") or []
@@ -366,6 +379,7 @@ def build_document(report: Mapping[str, Any]) -> list[Block]:
     blocks += _stages(report) + _artifacts(report)
     for device in report["devices"]:
         blocks += _device(device)
+    blocks += _trials(report.get("sweep"))
     blocks += _time(report["run"])
     provenance = report["provenance"]
     blocks += [Heading(2, "Provenance"), Fields([(str(k), fmt_text(v)) for k, v in provenance.items()])]
