@@ -101,6 +101,7 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     for path, value in overrides.items():
         parts = path.split(".")
         node: Any = data
+        entry = False  # whether `node` is an item of a list (a one-key stage or export entry)
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             where = ".".join(parts[: i + 1])
@@ -111,14 +112,15 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
                 if last:
                     node[int(part)] = value
                     break
-                node = node[int(part)]
+                node, entry = node[int(part)], True
                 continue
             if not isinstance(node, dict):
                 raise RecipeError(f"sweep path {path}: {'.'.join(parts[:i])} is a value, not a section")
-            if len(node) == 1 and i > 0 and isinstance(data.get(parts[0]), list) and part not in node:
+            if entry and len(node) == 1 and part not in node:
                 # a one-key stage/export entry: the key names the stage, so a wrong one is a wrong stage
                 (kind,) = node
                 raise RecipeError(f"sweep path {path}: {'.'.join(parts[:i])} is a {kind} entry, not {part}")
+            entry = False
             if last:
                 node[part] = value
             else:
@@ -387,7 +389,8 @@ def _run_ray(sweep: Sweep, todo: list[Trial], console: Any, on_result: Optional[
                 pending.remove(trial)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
-                trial = next(t for t in todo if t.id == in_flight.pop(ref))
+                tid = in_flight.pop(ref)
+                trial = next(t for t in todo if t.id == tid)
                 _finish(sweep, trial, ray.get(ref), on_result)
                 console.print(f"trial {trial.id} {trial.status} ({trial.seconds:.0f} s)"
                               + (f": {trial.message}" if trial.message else ""))
@@ -422,7 +425,10 @@ def merge(sweep: Sweep) -> dict:
         stages += [{**s, "name": f"{tid}/{s['name']}", "checkpoint": _under(tid, s.get("checkpoint")),
                     "notes": [trial.label, *s.get("notes", [])]} for s in rep["stages"][1:]]
         for a in rep["artifacts"]:
-            artifacts.append({**a, "name": f"{tid}/{a['name']}", "path": _under(tid, a.get("path"))})
+            art = {**a, "name": f"{tid}/{a['name']}", "path": _under(tid, a.get("path"))}
+            if (a.get("parity") or {}).get("reference"):
+                art["parity"] = {**a["parity"], "reference": f"{tid}/{a['parity']['reference']}"}
+            artifacts.append(art)
         for d in rep["devices"]:
             merged = devices.setdefault(d["name"], {k: v for k, v in d.items() if k not in ("results", "recommendation")}
                                         | {"results": []})

@@ -106,6 +106,7 @@ def test_sweep_dry_run_lists_trials_and_a_bad_path_exits_2(tmp_path):
 def _sweep_recipe(tmp_path: Path) -> Path:
     data = copy.deepcopy(TINY_RECIPE)
     data["stages"] = [{"prune": {"macs_reduction": 1.5, "round_to": 8, "epochs": 1}}, {"finetune": {"epochs": 1}}]
+    data["report"]["accuracy_budget_pt"] = 100.0  # two epochs of training: any artifact may be recommended
     return write_recipe(tmp_path / "tiny.yaml", data)
 
 
@@ -155,7 +156,7 @@ def test_ray_sweep_of_six_trials(tmp_path):
     from rich.console import Console
 
     sweep = Sweep.create(_sweep_recipe(tmp_path), tmp_path / "runs",
-                         ["stages.0.prune.macs_reduction=1.5,2", "stages.1.finetune.epochs=0,1,2"], None, None, "ray",
+                         ["stages.0.prune.macs_reduction=1.3,1.6", "stages.1.finetune.epochs=0,1,2"], None, None, "ray",
                          None, 1.0, None)
     assert len(sweep.trials) == 6
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

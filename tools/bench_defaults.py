@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     last = report["stages"][-1]
     float_stage = next(s for s in reversed(report["stages"]) if s.get("precision", "fp32") == "fp32")
     stage_seconds = sum(s.get("seconds") or 0 for s in report["stages"][1:])
+    upto = report["stages"].index(float_stage)
     add("(c) rescompress fp32", run_dir / arts["onnx-fp32"]["path"], float_stage["macs"],
-        f"the run's onnx-fp32 (stage {float_stage['name']}: pruned and distilled)")
+        f"the run's onnx-fp32 (stage {float_stage['name']}: pruned and distilled)",
+        seconds=sum(s.get("seconds") or 0 for s in report["stages"][1:upto + 1]))
     add("(c) rescompress int8", run_dir / arts["onnx-int8"]["path"], last["macs"],
         f"the run's onnx-int8 (stage {last['name']}, scheme {last.get('scheme')})", seconds=stage_seconds)
 

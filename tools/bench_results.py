@@ -204,9 +204,11 @@ def _defaults(files: dict) -> list[str]:
               f"images; the torch-pruning model fine-tuned {data['finetune_epochs']} epochs, as many as the "
               f"recipe's stages train.", ""]
     rows = [[r["model"], f"{r['top1'] * 100:.2f}", f"{r['delta_top1_pt']:+.2f}", ms(r["p50_ms"]), ms(r["p90_ms"]),
-             x(r["speedup_vs_baseline"]), f"{r['macs'] / 1e6:.2f} M", f"{r['size_bytes'] / 1e3:.0f}"]
+             x(r["speedup_vs_baseline"]), f"{r['macs'] / 1e6:.2f} M", f"{r['size_bytes'] / 1e3:.0f}",
+             "–" if r.get("seconds") is None else f"{r['seconds']:.0f}"]
             for r in data["results"]]
-    lines += table(["Path", "Top-1 %", "Δ pt", "p50 ms", "p90 ms", "Speed-up", "MACs", "Size KB"], rows)
+    lines += table(["Path", "Top-1 %", "Δ pt", "p50 ms", "p90 ms", "Speed-up", "MACs", "Size KB",
+                    "Build s (after the baseline)"], rows)
     lines += [f"- {r['model']}: {r['how']}" for r in data["results"]] + [""]
     return lines
 
