@@ -269,6 +269,9 @@ def sweep(
                                            gpus_per_trial)) or grid:
                 raise RescompressError("--resume continues a sweep as it was created; give only the sweep directory")
             job = sw.Sweep.load(resume)
+            if dry_run:
+                console.print(escape(sw.describe(job)))
+                return
         elif recipe is None:
             raise RescompressError("give a recipe file, or --resume SWEEP_DIR")
         elif dry_run:

@@ -69,6 +69,8 @@ class Plan:
             where = f" via ssh {dev.ssh.destination}:{dev.ssh.port}" if dev.ssh else ""
             lines.append(f"  {'':<17} {dev.name}: {how}{where}")
         lines.append(f"  report            report.json, report.md, report.html, plots/ (accuracy budget {r.report.accuracy_budget_pt} pt)")
+        if r.sweep is not None:
+            lines.append("  (the recipe's sweep: section is read by `rescompress sweep`; this run is the recipe as written)")
         return "\n".join(lines)
 
 
@@ -213,10 +215,11 @@ class Runner:
         if distributed.is_main():
             save_checkpoint(ckpt, model, self.plan.arch, self.data.input_spec.to_dict(), step,
                             {k: record[k] for k in ("top1", "val_top1")})
-            (self.run_dir / "checkpoints" / f"{step}.state.pt").unlink(missing_ok=True)
         distributed.barrier()  # the other ranks read what rank 0 wrote (a later stage loads the baseline)
         digest = sha256(ckpt)
         self.manifest.mark(step, record=record, checkpoint=record["checkpoint"], sha256=digest, seconds=record["seconds"])
+        if distributed.is_main():
+            (self.run_dir / "checkpoints" / f"{step}.state.pt").unlink(missing_ok=True)
         self.console.print(f"[green]✓[/green] {step}: test top-1 {record['top1'] * 100:.2f}%  "
                            f"params {record['params']:,}  MACs {record['macs']:,}  ({record['seconds']:.1f}s)")
 

@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -384,7 +385,7 @@ def _run_ray(sweep: Sweep, todo: list[Trial], console: Any, on_result: Optional[
                     continue  # its next step is being computed by a trial in flight
                 _start(sweep, trial)
                 console.print(f"trial {trial.id} started: {trial.label}")
-                in_flight[task.remote(str(sweep.dir), trial.id, threads)] = trial.id
+                in_flight[task.remote(str(sweep.dir.resolve()), trial.id, threads, os.getcwd())] = trial.id
                 busy.update(needs)
                 pending.remove(trial)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -399,7 +400,9 @@ def _run_ray(sweep: Sweep, todo: list[Trial], console: Any, on_result: Optional[
             ray.shutdown()
 
 
-def _ray_trial(sweep_dir: str, trial_id: str, threads: int) -> dict:
+def _ray_trial(sweep_dir: str, trial_id: str, threads: int, cwd: str) -> dict:
+    if Path(cwd).is_dir():  # relative paths in the recipe (weights, data.root) mean what they meant to the driver
+        os.chdir(cwd)
     return run_trial(Path(sweep_dir), trial_id, threads=threads, quiet=True)
 
 

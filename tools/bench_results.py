@@ -88,7 +88,7 @@ def checks(parts: dict) -> list[dict]:
                              "path and at least as accurate (Fashion-MNIST, onnxruntime)",
                     "holds": bool(v["at_least_as_fast_and_accurate"]),
                     "figures": f"{v['speedup_vs_ort_default']:.2f}x the speed, "
-                               f"{v['delta_top1_pt_vs_ort_default']:+.2f} pt top-1"})
+                               f"{v['delta_top1_pt_vs_ort_default']:+.2f} pt top-1" + _ci(v)})
     for name in PARTS["pruning"]:
         data = parts["pruning"][name]
         if not data:
@@ -101,6 +101,14 @@ def checks(parts: dict) -> list[dict]:
                         "figures": f"{row['speedup']:.2f}x faster for {row['macs_reduction']:.2f}x fewer MACs: "
                                    f"efficiency {row['efficiency']:.2f}"})
     return out
+
+
+def _ci(v: dict) -> str:
+    ci = v.get("delta_top1_pt_vs_ort_default_ci95")
+    if not ci:
+        return ""
+    return (f" (95 % interval {ci[0]:+.2f} to {ci[1]:+.2f} pt over the same test images; "
+            f"{v.get('images_disagreeing', '?')} images scored differently)")
 
 
 # --- Markdown -----------------------------------------------------------------------------------------
@@ -203,14 +211,21 @@ def _defaults(files: dict) -> list[str]:
               f"all models in the same rounds. onnxruntime calibrated on {data['calibration_images']} training "
               f"images; the torch-pruning model fine-tuned {data['finetune_epochs']} epochs, as many as the "
               f"recipe's stages train.", ""]
-    rows = [[r["model"], f"{r['top1'] * 100:.2f}", f"{r['delta_top1_pt']:+.2f}", ms(r["p50_ms"]), ms(r["p90_ms"]),
+    rows = [[r["model"], f"{r['top1'] * 100:.2f}", f"{r['delta_top1_pt']:+.2f}" + _interval(r), ms(r["p50_ms"]), ms(r["p90_ms"]),
              x(r["speedup_vs_baseline"]), f"{r['macs'] / 1e6:.2f} M", f"{r['size_bytes'] / 1e3:.0f}",
              "–" if r.get("seconds") is None else f"{r['seconds']:.0f}"]
             for r in data["results"]]
-    lines += table(["Path", "Top-1 %", "Δ pt", "p50 ms", "p90 ms", "Speed-up", "MACs", "Size KB",
+    lines += table(["Path", "Top-1 %", "Δ pt [95 % interval]", "p50 ms", "p90 ms", "Speed-up", "MACs", "Size KB",
                     "Build s (after the baseline)"], rows)
     lines += [f"- {r['model']}: {r['how']}" for r in data["results"]] + [""]
     return lines
+
+
+def _interval(row: dict) -> str:
+    ci = row.get("delta_top1_pt_ci95")
+    if not ci or row["model"] == "baseline fp32":
+        return ""
+    return f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def _roofline(files: dict) -> list[str]:

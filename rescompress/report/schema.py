@@ -79,6 +79,9 @@ Top level (all required):
     fit_error_pct (calibration figures: the full fit's residual), statistic, source})
 - `provenance` (object): versions and host facts, str -> str/number, e.g. `python`, `platform`,
   `processor`, `cpu_count`, `torch`, `onnxruntime`, `onnx`, `numpy`.
+- `sweep` (object, optional): only in the merged report of `rescompress sweep`, whose artifacts, stages and
+  results are named `<trial>/<name>`: `backend` (str), `trials` (list): `id`, `overrides` (dotted recipe path
+  -> value), `status` (pending | running | done | failed), `message`, `seconds`, `run_dir` (relative).
 """
 
 from __future__ import annotations
