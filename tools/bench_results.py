@@ -135,6 +135,14 @@ def not_run(names: list[str]) -> list[str]:
     return [f"Not run: {', '.join(names)} missing.", ""]
 
 
+def each(files: dict, render) -> list[str]:
+    """`render(name, data)` for each part file that was written, a "not run" line for each that was not."""
+    out: list[str] = []
+    for name, data in files.items():
+        out += render(name, data) if data else not_run([name])
+    return out
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     mem = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
@@ -160,16 +168,15 @@ def _int8(files: dict) -> list[str]:
              "Weights as initialised (latency does not depend on their values), PTQ ranges from random tensors. "
              "One row per int8 layout: rescompress's schemes (`int8-<scheme>`) and each runtime's own tool "
              "(onnxruntime `quantize_static` U8S8 per-channel; litert-torch's PT2EQuantizer).", ""]
-    for name, data in files.items():
-        if not data:
-            lines += not_run([name])
-            continue
+    def one(name: str, data: dict) -> list[str]:
         runtime = "onnxruntime" if "onnxruntime" in name else "LiteRT (XNNPACK)"
-        lines += [f"**{data['model']} {data['size']}×{data['size']}, {runtime}**, {data['threads']} threads, "
-                  f"{data['rounds']} rounds × {data['runs']} runs", ""]
         rows = [[r["model"], ms(r.get("p50_ms")), ms(r.get("p90_ms")), x(r["speedup_vs_fp32"]), mb(r["size_bytes"])]
                 for r in data["results"]]
-        lines += table(["Model", "p50 ms", "p90 ms", "Speed-up vs fp32", "Size MB"], rows)
+        return ([f"**{data['model']} {data['size']}×{data['size']}, {runtime}**, {data['threads']} threads, "
+                 f"{data['rounds']} rounds × {data['runs']} runs", ""]
+                + table(["Model", "p50 ms", "p90 ms", "Speed-up vs fp32", "Size MB"], rows))
+
+    lines += each(files, one)
     lines += ["In onnxruntime the `tensorrt` and `tflite` layouts run unfused (their Q/DQ pairs are computed as "
               "written), so they are slower than fp32 there; they are the files for those runtimes, not for this "
               "one. LiteRT's int8 kernels gain most with VNNI (x86) or dot-product instructions (ARM); on a CPU "
@@ -182,17 +189,16 @@ def _pruning(files: dict) -> list[str]:
              "Structural pruning (L2 group magnitude, uniform, channel counts multiples of 8) to 1.5×, 2× and 3× "
              "fewer MACs, fp32. Efficiency = measured speed-up ÷ MACs reduction (1.0: latency falls as fast as "
              "the MACs).", ""]
-    for name, data in files.items():
-        if not data:
-            lines += not_run([name])
-            continue
-        lines += [f"**{data['model']} {data['size']}×{data['size']}**, {data['threads']} threads, "
-                  f"{data['rounds']} rounds × {data['runs']} runs", ""]
+    def one(name: str, data: dict) -> list[str]:
         rows = [[r["runtime"], r["model"], f"{r['macs'] / 1e6:.0f} M", x(r["macs_reduction"]), ms(r["p50_ms"]),
                  ms(r["p90_ms"]), x(r["speedup"]), "–" if r["efficiency"] is None else f"{r['efficiency']:.2f}"]
                 for r in data["results"]]
-        lines += table(["Runtime", "Target", "MACs", "MACs reduction", "p50 ms", "p90 ms", "Speed-up",
-                        "Efficiency"], rows, 2)
+        return ([f"**{data['model']} {data['size']}×{data['size']}**, {data['threads']} threads, "
+                 f"{data['rounds']} rounds × {data['runs']} runs", ""]
+                + table(["Runtime", "Target", "MACs", "MACs reduction", "p50 ms", "p90 ms", "Speed-up",
+                         "Efficiency"], rows, 2))
+
+    lines += each(files, one)
     lines += ["At 32² a ResNet-20 layer is so small that each operator's fixed cost is a large share of it, so "
               "latency falls more slowly than the MACs.", ""]
     return lines
@@ -233,16 +239,15 @@ def _roofline(files: dict) -> list[str]:
              "Peak measured on the same cores and threads with onnxruntime's own kernels: a large fp32 MatMul "
              "and a large uint8 × int8 MatMulInteger. Achieved = 2 × MACs ÷ p50 of the model (fp32 ONNX; int8 "
              "QDQ ONNX in onnxruntime's fused U8S8 layout), batch 1.", ""]
-    for name, data in files.items():
-        if not data:
-            lines += not_run([name])
-            continue
+    def one(name: str, data: dict) -> list[str]:
         rows = [[r["precision"], f"{r['macs'] / 1e6:.0f} M", ms(r["p50_ms"]), ms(r["p90_ms"]),
                  f"{r['achieved_gops']:.1f}", f"{r['peak_gops']:.1f}", f"{r['share_of_peak'] * 100:.0f} %"]
                 for r in data["results"]]
-        lines += [f"**{data['model']} {data['size']}×{data['size']}**, {data['threads']} threads", ""]
-        lines += table(["Precision", "MACs", "p50 ms", "p90 ms", "Achieved GOP/s", "Peak GOP/s", "Share of peak"],
-                       rows)
+        return ([f"**{data['model']} {data['size']}×{data['size']}**, {data['threads']} threads", ""]
+                + table(["Precision", "MACs", "p50 ms", "p90 ms", "Achieved GOP/s", "Peak GOP/s", "Share of peak"],
+                        rows))
+
+    lines += each(files, one)
     return lines
 
 
