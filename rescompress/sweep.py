@@ -419,8 +419,8 @@ def merge(sweep: Sweep) -> dict:
                if t.status == "done" and (sweep.dir / TRIALS / t.id / "report.json").is_file()}
     if not reports:
         raise RescompressError(f"no trial of {sweep.dir} finished; nothing to merge (see {SWEEP_FILE})")
-    first = next(iter(reports.values()))
-    baseline = first["stages"][0]
+    first_id, first = next(iter(reports.items()))
+    baseline = {**first["stages"][0], "checkpoint": _under(first_id, first["stages"][0].get("checkpoint"))}
     budget = first["recipe"].get("accuracy_budget_pt")
     stages, artifacts, devices = [baseline], [], {}
     for tid, rep in reports.items():
