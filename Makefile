@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Every benchmark, then bench/results.json + bench/results.md (about 80 minutes on 2 cores; needs the
+# Every benchmark, then bench/results.json + bench/results.md (about an hour on 2 cores; needs the
 # Fashion-MNIST package: make fashion-mnist). Run it on an otherwise idle machine.
 bench: $(STAMP)
 	$(BIN)/python tools/bench_pipeline.py recipes/quickstart.yaml recipes/fashion_mnist_int8.yaml
