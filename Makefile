@@ -27,14 +27,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tools/bench_pipeline.py recipes/quickstart.yaml recipes/fashion_mnist_int8.yaml
 	$(BIN)/python tools/bench_defaults.py
-	$(BIN)/python tools/bench_int8_onnxruntime.py --model resnet18 --size 224 --runs 40 --out bench/int8_onnxruntime_resnet18.json
-	$(BIN)/python tools/bench_int8_onnxruntime.py --model resnet20 --size 32 --runs 200 --out bench/int8_onnxruntime_resnet20.json
-	$(BIN)/python tools/bench_int8_litert.py --model resnet18 --size 224 --runs 30 --out bench/int8_litert_resnet18.json
-	$(BIN)/python tools/bench_int8_litert.py --model resnet20 --size 32 --runs 200 --out bench/int8_litert_resnet20.json
+	$(BIN)/python tools/bench_int8_onnxruntime.py --model resnet18 --size 224 --runs 30 --out bench/int8_onnxruntime_resnet18.json
+	$(BIN)/python tools/bench_int8_onnxruntime.py --model resnet20 --size 32 --runs 150 --out bench/int8_onnxruntime_resnet20.json
+	$(BIN)/python tools/bench_int8_litert.py --model resnet18 --size 224 --runs 24 --out bench/int8_litert_resnet18.json
+	$(BIN)/python tools/bench_int8_litert.py --model resnet20 --size 32 --runs 150 --out bench/int8_litert_resnet20.json
 	$(BIN)/python tools/bench_pruning.py --model resnet18 --size 224
-	$(BIN)/python tools/bench_pruning.py --model resnet20 --size 32 --runs 100
+	$(BIN)/python tools/bench_pruning.py --model resnet20 --size 32 --runs 80
 	$(BIN)/python tools/bench_roofline.py --model resnet18 --size 224
-	$(BIN)/python tools/bench_roofline.py --model resnet20 --size 32 --runs 200
+	$(BIN)/python tools/bench_roofline.py --model resnet20 --size 32 --runs 150
 	$(BIN)/python tools/bench_results.py
 
 bench-results: $(STAMP) # re-collect bench/*.json into bench/results.{json,md} without measuring again

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline-json", type=Path, default=Path("bench/pipeline_cost.json"),
                     help="where to find the run when --run is not given")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=200, help="timed runs per model per round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=170, help="timed runs per model per round")
+    ap.add_argument("--rounds", type=int, default=6, help="an even count balances the order")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("bench/defaults_fashion_mnist.json"))
     args = ap.parse_args(argv)

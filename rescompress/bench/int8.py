@@ -17,7 +17,7 @@ def int8_bench_args(description: str, schemes: str, out: str, argv: Optional[lis
     ap.add_argument("--schemes", default=schemes, help="comma-separated int8 schemes to compare")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=50, help="timed runs per model per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4, help="an even count balances the order")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path(out))
     return ap.parse_args(argv)

@@ -1,5 +1,9 @@
 """Paired latency: several models timed in alternating rounds in one process, so machine noise hits them
-alike; ratios of medians are the figures to read on a shared machine."""
+alike; ratios of medians are the figures to read on a shared machine.
+
+The order within a round reverses every other round (a b c, c b a, a b c, ...): a model's place in the
+round (what ran just before it, how warm the caches and clocks are) then falls on every model alike over
+an even number of rounds, instead of always favouring the same one."""
 
 from __future__ import annotations
 
@@ -38,12 +42,14 @@ class Paired:
 def time_paired(loaders: dict[str, Callable[[], Runner]], x: np.ndarray, *, rounds: int = 3, runs: int = 50,
                 warmup: int = 10, threads: Optional[int] = None,
                 on_round: Optional[Callable[[int, str, float], None]] = None) -> Paired:
-    """Time every model `runs` times per round, `rounds` rounds, models in turn within each round; one
-    session alive at a time (`loaders[name]()` builds it; it is dropped after its turn)."""
+    """Time every model `runs` times per round, `rounds` rounds, models in turn within each round (forward
+    in even rounds, backward in odd ones; use an even `rounds` for a balanced order); one session alive
+    at a time (`loaders[name]()` builds it; it is dropped after its turn)."""
     out = Paired({name: [] for name in loaders}, {name: [] for name in loaders})
+    names = list(loaders)
     for r in range(rounds):
-        for name, load in loaders.items():
-            fn = load()
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn = loaders[name]()
             samples: list[float] = []
             stats = measure_latency(_recording(fn, samples), x, warmup=warmup, runs=runs, threads=threads)
             out.round_p50s[name].append(stats.p50_ms)
