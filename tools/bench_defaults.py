@@ -12,7 +12,7 @@ what a user gets from each tool's documented default path:
   advise for x86 (uint8 activations, per-channel weights), as a second row;
 - (b) torch-pruning's MagnitudePruner (L2 group magnitude, the same round_to) stepped to the recipe's
   MACs reduction, then a plain cross-entropy fine-tune for as many epochs as the recipe's stages train;
-- (c) the run's own artifacts: pruned, distilled, quantization-aware trained, exported.
+- (c) the run's own artifacts: through the recipe's stages (prune, fine-tune or distill, QAT), exported.
 
 Each is measured the same way: top-1 over the whole test split in onnxruntime, latency at batch 1 timed
 in alternating rounds against the baseline (median of round medians, p90 over every call), file size, and
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_seconds = sum(s.get("seconds") or 0 for s in report["stages"][1:])
     upto = report["stages"].index(float_stage)
     add("(c) rescompress fp32", run_dir / arts["onnx-fp32"]["path"], float_stage["macs"],
-        f"the run's onnx-fp32 (stage {float_stage['name']}: pruned and distilled)",
+        f"the run's onnx-fp32 (after {', '.join(s['name'] for s in report['stages'][1:upto + 1])})",
         seconds=sum(s.get("seconds") or 0 for s in report["stages"][1:upto + 1]))
     add("(c) rescompress int8", run_dir / arts["onnx-int8"]["path"], last["macs"],
         f"the run's onnx-int8 (stage {last['name']}, scheme {last.get('scheme')})", seconds=stage_seconds)
