@@ -152,8 +152,8 @@ def render(results: dict) -> str:
              f"{m['platform']}, Python {m['python']}.", "",
              "Every latency is batch 1 on all of the machine's cores unless stated, timed in alternating rounds "
              "in one process so that noise from a shared machine hits every model alike, the order reversing "
-             "every other round: p50 is the median of the rounds' medians, p90 is over every timed call. Read the ratios; absolute milliseconds move "
-             "with the machine's load.", ""]
+             "every other round: p50 is the median of the rounds' medians, p90 is over every timed call. Read "
+             "the ratios; absolute milliseconds move with the machine's load.", ""]
     lines += ["## Checks", ""]
     lines += table(["Claim", "Holds", "Figures"],
                    [[c["claim"], "yes" if c["holds"] else "**no**", c["figures"]] for c in results["checks"]], 3)

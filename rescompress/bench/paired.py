@@ -39,7 +39,7 @@ class Paired:
         return {"p50_ms": self.p50(name), "p90_ms": self.p90(name), "round_p50s_ms": self.round_p50s[name]}
 
 
-def time_paired(loaders: dict[str, Callable[[], Runner]], x: np.ndarray, *, rounds: int = 3, runs: int = 50,
+def time_paired(loaders: dict[str, Callable[[], Runner]], x: np.ndarray, *, rounds: int = 4, runs: int = 50,
                 warmup: int = 10, threads: Optional[int] = None,
                 on_round: Optional[Callable[[int, str, float], None]] = None) -> Paired:
     """Time every model `runs` times per round, `rounds` rounds, models in turn within each round (forward
