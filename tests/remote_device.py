@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import ci
+
 from rescompress.devices import SSHConnection
 
 SSHD = "/usr/sbin/sshd"
@@ -68,7 +70,7 @@ def sshd(tmp_path_factory) -> Sshd:
     """A real sshd on 127.0.0.1 (free port, own host key, one authorized key), with a known_hosts for it."""
     missing = [tool for tool in (SSHD, "ssh", "ssh-keygen") if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"needs OpenSSH ({', '.join(missing)} not found; tools/install_openssh_server.sh installs it)")
+        ci.missing(f"needs OpenSSH ({', '.join(missing)} not found; make sshd installs it)")
     d = tmp_path_factory.mktemp("sshd")
     host_key, client_key = keygen(d / "host_key"), keygen(d / "client_key")
     (d / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())

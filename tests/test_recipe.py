@@ -55,6 +55,8 @@ def test_string_shorthands():
         ({"stages": {"finetune": {}}}, r"stages: expected a list of one-key mappings"),
         ({"stages": [{"finetune": 3}]}, r"stages\[0\]\.finetune: expected a mapping of options"),
         ({"export": [{"onnx": {"precision": "int4"}}]}, r"export\[0\]\.onnx\.precision: Input should be 'fp32'"),
+        ({"export": [{"tensorrt": {"opset": 17}}]}, r"export\[0\]\.tensorrt\.opset: Input should be greater than or equal to 18"),
+        ({"export": [{"tensorrt": {"opset": 24}}]}, r"export\[0\]\.tensorrt\.opset: Input should be less than or equal to 23"),
         ({"export": [{"onxx": {}}]}, r"export\[0\]: unknown export target 'onxx' — did you mean 'onnx'\?"),
         ({"export": ["onnx", "onnx"]}, r"export: onnx-fp32 listed more than once"),
         ({"train": {"augment": ["rotate"]}}, r"train\.augment"),

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import ci
+
 from rescompress.data.sources import FASHION_MNIST_ROOT
 from rescompress.export import TARGETS
 from rescompress.pipeline import make_plan
@@ -25,7 +27,7 @@ def test_the_documented_recipes_ship():
 def test_shipped_recipe_plans(path):
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if data["data"]["name"] == "fashion_mnist" and not Path(FASHION_MNIST_ROOT).is_dir():
-        pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST_ROOT} (make fashion-mnist)")
+        ci.missing(f"Fashion-MNIST is not installed in {FASHION_MNIST_ROOT} (make fashion-mnist)")
     recipe = load_recipe(path)
     for entry in recipe.export:
         needed = TARGETS.get(entry.target).requires(entry.config)

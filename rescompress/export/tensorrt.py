@@ -25,7 +25,8 @@ class TensorRTConfig(BaseModel):
     precision: Literal["fp16", "int8"] = Field(
         "int8", description="int8 builds a strongly typed engine from the tensorrt-scheme QDQ ONNX; fp16 builds "
                             "from the fp32 ONNX with fp16 kernels allowed")
-    opset: int = Field(18, ge=13, description="ONNX opset of the file the engine is built from")
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset of the file the engine is built from "
+                       "(the int8 QDQ export needs 18 to 23)")
     build: Literal["auto", "defer"] = Field(
         "auto", description="auto: build the engine here when TensorRT and a CUDA GPU are present, else defer; "
                             "defer: always leave the build (trtexec command) to the device")
