@@ -3,22 +3,23 @@
 
     .venv/bin/python tools/bench_results.py          # after the benchmark scripts (`make bench` runs them all)
 
-Reads what the scripts wrote (a part whose file is missing is listed as not run), adds the machine the
-figures were taken on, and writes one JSON and one Markdown table per part. Every figure is a ratio or a
-comparison timed in alternating rounds within one process: p50 is the median of the rounds' medians, p90
-is over every timed call.
+Reads what the scripts wrote (a part whose file is missing is listed as not run) and writes one JSON and one
+Markdown table per part. The machine, the versions and the date come from each file's own record (its
+`provenance`: `processor`, `cpu_count`, `platform`, `python`, the package versions, and, where the script
+records them, `measured` (an ISO timestamp), `cpu_flags` and `memory_bytes`; a top-level `cpu_flags` counts
+too), never from the host that runs this collector: one "Machine" line when every file agrees, one per table
+when they differ. Latency ratios are paired (the models a table compares are timed in alternating rounds in
+one process: p50 is the median of the rounds' medians, p90 is over every timed call); the roofline's peak GEMMs
+and the pipeline's wall times are not.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from rescompress.fileio import atomic_write, atomic_write_json
 
@@ -32,6 +33,10 @@ PARTS = {
     "pipeline": ["pipeline_cost.json"],
 }
 EFFICIENCY_GOAL = 0.8  # pruning: speed-up per MACs reduction at 2x, in onnxruntime
+# the rows of defaults_fashion_mnist.json the checks compare
+RESCOMPRESS_INT8 = "(c) rescompress int8"
+ORT_DEFAULT = "(a) ort quantize_static defaults"
+ORT_X86 = "(a') ort quantize_static U8S8 per-channel"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=Path("bench"))
     args = ap.parse_args(argv)
     parts = {part: {name: _load(args.dir / name) for name in names} for part, names in PARTS.items()}
-    results = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-               "command": "make bench", "checks": checks(parts), "parts": parts}
+    results = {"command": "make bench", "provenance": provenance(parts), "checks": checks(parts), "parts": parts}
     atomic_write_json(args.dir / "results.json", results)
     text = render(results)
     atomic_write(args.dir / "results.md", lambda p: p.write_text(text, encoding="utf-8"))
@@ -52,43 +56,99 @@ def _load(path: Path) -> Optional[dict]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-# --- the machine --------------------------------------------------------------------------------------
+# --- where and when each part was measured ---------------------------------------------------------------
 
-def machine() -> dict:
-    """What the figures depend on: CPU model, cores, the SIMD extensions int8 kernels dispatch on, memory."""
-    cpuinfo = _read("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                  if line.startswith(("model name", "Model"))), platform.processor() or "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith(("flags", "Features"))), [])
-    simd = sorted(f for f in set(flags) if f in ("avx2", "fma", "avx_vnni", "asimddp", "i8mm", "amx_int8")
-                  or f.startswith("avx512"))
-    mem = next((int(line.split()[1]) * 1024 for line in _read("/proc/meminfo").splitlines()
-                if line.startswith("MemTotal")), None)
-    return {"cpu": model, "cores": os.cpu_count(), "simd": simd, "memory_bytes": mem,
-            "platform": platform.platform(), "python": platform.python_version()}
+MACHINE = ("cpu", "cores", "memory_bytes", "simd", "platform", "python")
+_NOT_SOFTWARE = {"processor", "cpu_count", "platform", "python", "measured", "cpu_flags", "memory_bytes"}
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="ignore")
-    except OSError:
-        return ""
+def file_provenance(data: dict) -> dict:
+    """Where and when one part file was measured, as its script recorded it (None: not recorded)."""
+    p = data.get("provenance") or {}
+    flags = p.get("cpu_flags", data.get("cpu_flags"))
+    measured = p.get("measured")
+    return {"date": str(measured)[:10] if measured else None, "cpu": p.get("processor"), "cores": p.get("cpu_count"),
+            "memory_bytes": p.get("memory_bytes"), "simd": None if flags is None else sorted(flags),
+            "platform": p.get("platform"), "python": p.get("python"),
+            "software": {k: str(v) for k, v in p.items() if k not in _NOT_SOFTWARE and v}}
+
+
+def provenance(parts: dict) -> dict:
+    """Each written file's provenance, and the date and machine they share (None where two files differ)."""
+    files = {name: file_provenance(data) for part in parts.values() for name, data in part.items() if data}
+    date, machine = _shared(files.values(), ("date",)), _shared(files.values(), MACHINE)
+    return {"same_date": date is not None, "date": (date or {}).get("date"),
+            "same_machine": machine is not None, "machine": machine, "files": files}
+
+
+def _shared(provs, keys: Sequence[str]) -> Optional[dict]:
+    """The value of each key that every file recording it agrees on; None when two files disagree."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        seen = {json.dumps(p[key]) for p in provs if p[key] is not None}
+        if len(seen) > 1:
+            return None
+        out[key] = json.loads(seen.pop()) if seen else None
+    return out
+
+
+def describe_machine(m: dict, simd_source: str = "") -> str:
+    mem = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
+    cores = f", {m['cores']} cores" if m.get("cores") else ""
+    simd = "not recorded" if m.get("simd") is None else (", ".join(m["simd"]) or "none listed") + simd_source
+    return (f"{m.get('cpu') or 'CPU not recorded'}{cores}{mem}; SIMD {simd}; "
+            f"{m.get('platform') or 'platform not recorded'}, Python {m.get('python') or 'not recorded'}")
+
+
+def _header(prov: dict, command: str) -> list[str]:
+    files = prov["files"]
+    if not prov["same_date"]:
+        when = "; the files were measured on different dates, each table gives its own"
+    elif prov["date"]:
+        dated = sum(1 for p in files.values() if p["date"])
+        when = f" on {prov['date']}" + (f" ({dated} of {len(files)} files record the date)"
+                                        if dated < len(files) else "")
+    else:
+        when = "; the files record no measurement date"
+    lines = [f"Measured with `{command}`{when}.", ""]
+    if prov["same_machine"] and files:
+        flagged = [name for name, p in files.items() if p["simd"] is not None]
+        source = f" (as {', '.join(flagged)} record it)" if 0 < len(flagged) < len(files) else ""
+        lines += [f"**Machine:** {describe_machine(prov['machine'], source)}.", ""]
+    elif files:
+        lines += ["**Machine:** the files were measured on different machines; each table names its own.", ""]
+    return lines
+
+
+def stamp(prov: dict, name: str) -> list[str]:
+    """The line a file's table starts with when the files differ in date or machine ([] when they agree)."""
+    p = prov["files"].get(name)
+    if p is None or (prov["same_date"] and prov["same_machine"]):
+        return []
+    said = [] if prov["same_date"] else [f"Measured on {p['date'] or 'a date not recorded'}."]
+    said += [] if prov["same_machine"] else [f"**Machine:** {describe_machine(p)}."]
+    return [" ".join(said), ""]
 
 
 # --- the headline checks ----------------------------------------------------------------------------
 
+def interval_verdict(point: float, ci: Sequence[float]) -> str:
+    """What a 95 % interval of a difference (new minus reference) supports: "better" when it lies above 0,
+    "worse" when it lies below, otherwise "no worse within noise" (point estimate ≥ 0) or "within noise"."""
+    lo, hi = ci
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    return "no worse within noise" if point >= 0 else "within noise"
+
+
 def checks(parts: dict) -> list[dict]:
-    """The claims the tables back, each with the figures it rests on and whether they hold."""
+    """The claims the tables back, each with the figures it rests on and the verdict they support."""
     out = []
     defaults = parts["defaults"]["defaults_fashion_mnist.json"]
     if defaults:
-        v = defaults["verdict"]
-        out.append({"claim": "rescompress int8 is at least as fast as onnxruntime's default quantize_static "
-                             "path and at least as accurate (Fashion-MNIST, onnxruntime)",
-                    "holds": bool(v["at_least_as_fast_and_accurate"]),
-                    "figures": f"{v['speedup_vs_ort_default']:.2f}x the speed, "
-                               f"{v['delta_top1_pt_vs_ort_default']:+.2f} pt top-1" + _ci(v)})
+        out += _defaults_checks(defaults)
     for name in PARTS["pruning"]:
         data = parts["pruning"][name]
         if not data:
@@ -97,9 +157,36 @@ def checks(parts: dict) -> list[dict]:
         if row:
             out.append({"claim": f"pruning efficiency at 2x fewer MACs ≥ {EFFICIENCY_GOAL} in onnxruntime "
                                  f"({data['model']} {data['size']}²)",
-                        "holds": row["efficiency"] >= EFFICIENCY_GOAL,
-                        "figures": f"{row['speedup']:.2f}x faster for {row['macs_reduction']:.2f}x fewer MACs: "
+                        "verdict": "yes" if row["efficiency"] >= EFFICIENCY_GOAL else "no",
+                        "figures": f"{x(row['speedup'])} faster for {x(row['macs_reduction'])} fewer MACs: "
                                    f"efficiency {row['efficiency']:.2f}"})
+    return out
+
+
+def _defaults_checks(data: dict) -> list[dict]:
+    """rescompress int8 against onnxruntime's quantize_static: speed against its default and against its x86
+    advice (ratios of p50s timed in the same rounds), accuracy as far as the paired interval goes."""
+    out = []
+    rows = {r["model"]: r for r in data["results"]}
+    int8, default, x86 = rows.get(RESCOMPRESS_INT8), rows.get(ORT_DEFAULT), rows.get(ORT_X86)
+    if int8 and default:
+        ratios = [default["p50_ms"] / int8["p50_ms"]]
+        figures = (f"{x(ratios[0])} the speed of its defaults (S8S8 per-tensor: "
+                   f"{x(default['speedup_vs_baseline'])} of fp32 here)")
+        claim = "rescompress int8 is at least as fast as onnxruntime's quantize_static with its defaults"
+        if x86:
+            ratios.append(x86["p50_ms"] / int8["p50_ms"])
+            figures += (f"; {x(ratios[1])} the speed of U8S8 per-channel, onnxruntime's advice for x86 (row (a'): "
+                        f"{x(x86['speedup_vs_baseline'])} of fp32)")
+            claim += " and with its x86 advice"
+        out.append({"claim": claim + " (Fashion-MNIST, onnxruntime)",
+                    "verdict": "yes" if min(ratios) >= 1.0 else "no", "figures": figures})
+    v = data["verdict"]
+    ci = v.get("delta_top1_pt_vs_ort_default_ci95")
+    out.append({"claim": "rescompress int8 is at least as accurate as onnxruntime's quantize_static with its "
+                         "defaults (Fashion-MNIST, onnxruntime)",
+                "verdict": interval_verdict(v["delta_top1_pt_vs_ort_default"], ci) if ci else "no interval recorded",
+                "figures": f"{v['delta_top1_pt_vs_ort_default']:+.2f} pt top-1" + _ci(v)})
     return out
 
 
@@ -135,35 +222,45 @@ def not_run(names: list[str]) -> list[str]:
     return [f"Not run: {', '.join(names)} missing.", ""]
 
 
-def each(files: dict, render) -> list[str]:
-    """`render(name, data)` for each part file that was written, a "not run" line for each that was not."""
+def each(files: dict, render: Callable[[str, dict], list[str]], prov: dict) -> list[str]:
+    """`render(name, data)` for each part file that was written, below its date and machine where the files
+    differ in those; a "not run" line for each file that was not written."""
     out: list[str] = []
     for name, data in files.items():
-        out += render(name, data) if data else not_run([name])
+        if data:
+            heading, *rest = render(name, data)
+            out += [heading, "", *stamp(prov, name), *rest[1:]]
+        else:
+            out += not_run([name])
     return out
 
 
+NEGATIVE = ("no", "worse")  # verdicts shown in bold
+
+
 def render(results: dict) -> str:
-    m = results["machine"]
-    mem = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
-    lines = ["# rescompress benchmarks", "",
-             f"Measured with `{results['command']}` on {results['generated'][:10]}.", "",
-             f"**Machine:** {m['cpu']}, {m['cores']} cores{mem}; SIMD {', '.join(m['simd']) or 'none listed'}; "
-             f"{m['platform']}, Python {m['python']}.", "",
-             "Every latency is batch 1 on all of the machine's cores unless stated, timed in alternating rounds "
-             "in one process so that noise from a shared machine hits every model alike, the order reversing "
-             "every other round: p50 is the median of the rounds' medians, p90 is over every timed call. Read "
-             "the ratios; absolute milliseconds move with the machine's load.", ""]
-    lines += ["## Checks", ""]
-    lines += table(["Claim", "Holds", "Figures"],
-                   [[c["claim"], "yes" if c["holds"] else "**no**", c["figures"]] for c in results["checks"]], 3)
+    prov = results["provenance"]
+    lines = ["# rescompress benchmarks", "", *_header(prov, results["command"]),
+             "Latencies are batch 1 on all of the machine's cores unless stated. The models each table of sections "
+             "1 to 3 compares, and section 4's fp32 and int8 models, are timed in alternating rounds in one "
+             "process so that noise from a shared machine hits them alike, the order reversing every other round: "
+             "p50 is the median of the rounds' medians, p90 is over every timed call. Section 4's peak GEMMs are "
+             "each timed on their own, and section 5 (like the build times in section 3) is the wall time of one "
+             "run: those figures are not paired. Read the ratios; absolute milliseconds move with the machine's "
+             "load.", ""]
+    lines += ["## Checks", "",
+              "Accuracy differences are judged by their 95 % interval over the same test images: better or worse "
+              "only when the whole interval lies on one side of zero, otherwise within noise.", ""]
+    lines += table(["Claim", "Verdict", "Figures"],
+                   [[c["claim"], f"**{c['verdict']}**" if c["verdict"] in NEGATIVE else c["verdict"], c["figures"]]
+                    for c in results["checks"]], 3)
     parts = results["parts"]
-    lines += _int8(parts["int8"]) + _pruning(parts["pruning"]) + _defaults(parts["defaults"])
-    lines += _roofline(parts["roofline"]) + _pipeline(parts["pipeline"]) + _versions(parts)
+    lines += _int8(parts["int8"], prov) + _pruning(parts["pruning"], prov) + _defaults(parts["defaults"], prov)
+    lines += _roofline(parts["roofline"], prov) + _pipeline(parts["pipeline"], prov) + _versions(prov)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _int8(files: dict) -> list[str]:
+def _int8(files: dict, prov: dict) -> list[str]:
     lines = ["## 1. int8 against fp32, per runtime", "",
              "Weights as initialised (latency does not depend on their values), PTQ ranges from random tensors. "
              "One row per int8 layout: rescompress's schemes (`int8-<scheme>`) and each runtime's own tool "
@@ -176,7 +273,7 @@ def _int8(files: dict) -> list[str]:
                  f"{data['rounds']} rounds × {data['runs']} runs", ""]
                 + table(["Model", "p50 ms", "p90 ms", "Speed-up vs fp32", "Size MB"], rows))
 
-    lines += each(files, one)
+    lines += each(files, one, prov)
     lines += ["In onnxruntime the `tensorrt` and `tflite` layouts run unfused (their Q/DQ pairs are computed as "
               "written), so they are slower than fp32 there; they are the files for those runtimes, not for this "
               "one. LiteRT's int8 kernels gain most with VNNI (x86) or dot-product instructions (ARM); on a CPU "
@@ -184,7 +281,7 @@ def _int8(files: dict) -> list[str]:
     return lines
 
 
-def _pruning(files: dict) -> list[str]:
+def _pruning(files: dict, prov: dict) -> list[str]:
     lines = ["## 2. Pruning efficiency", "",
              "Structural pruning (L2 group magnitude, uniform, channel counts multiples of 8) to 1.5×, 2× and 3× "
              "fewer MACs, fp32. Efficiency = measured speed-up ÷ MACs reduction (1.0: latency falls as fast as "
@@ -198,18 +295,19 @@ def _pruning(files: dict) -> list[str]:
                 + table(["Runtime", "Target", "MACs", "MACs reduction", "p50 ms", "p90 ms", "Speed-up",
                          "Efficiency"], rows, 2))
 
-    lines += each(files, one)
+    lines += each(files, one, prov)
     lines += ["At 32² a ResNet-20 layer is so small that each operator's fixed cost is a large share of it, so "
               "latency falls more slowly than the MACs.", ""]
     return lines
 
 
-def _defaults(files: dict) -> list[str]:
+def _defaults(files: dict, prov: dict) -> list[str]:
     data = files["defaults_fashion_mnist.json"]
     if not data:
         return ["## 3. Against the default paths, from one fp32 baseline", ""] + not_run(list(files))
     ds = data["dataset"]
-    lines = [f"## 3. Against the default paths ({ds.get('name')}, one fp32 baseline)", ""]
+    lines = [f"## 3. Against the default paths ({ds.get('name')}, one fp32 baseline)", "",
+             *stamp(prov, "defaults_fashion_mnist.json")]
     lines += [f"{data.get('model', 'The model')} at {data.get('input_size', '?')}² trained by the `{data['recipe']}` "
               f"recipe, its baseline the start of every path (test split "
               f"{(ds.get('sizes') or {}).get('test', '?')} images). Top-1 over the whole test split in onnxruntime; "
@@ -234,11 +332,13 @@ def _interval(row: dict) -> str:
     return f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
-def _roofline(files: dict) -> list[str]:
+def _roofline(files: dict, prov: dict) -> list[str]:
     lines = ["## 4. Roofline", "",
              "Peak measured on the same cores and threads with onnxruntime's own kernels: a large fp32 MatMul "
-             "and a large uint8 × int8 MatMulInteger. Achieved = 2 × MACs ÷ p50 of the model (fp32 ONNX; int8 "
-             "QDQ ONNX in onnxruntime's fused U8S8 layout), batch 1.", ""]
+             "and a large uint8 × int8 MatMulInteger, each timed on its own before the models. Achieved = 2 × MACs "
+             "÷ p50 of the model (fp32 ONNX; int8 QDQ ONNX in onnxruntime's fused U8S8 layout), batch 1; the two "
+             "models are timed in the same rounds, the peaks are not, so the share of peak is not a paired ratio.",
+             ""]
     def one(name: str, data: dict) -> list[str]:
         rows = [[r["precision"], f"{r['macs'] / 1e6:.0f} M", ms(r["p50_ms"]), ms(r["p90_ms"]),
                  f"{r['achieved_gops']:.1f}", f"{r['peak_gops']:.1f}", f"{r['share_of_peak'] * 100:.0f} %"]
@@ -247,15 +347,16 @@ def _roofline(files: dict) -> list[str]:
                 + table(["Precision", "MACs", "p50 ms", "p90 ms", "Achieved GOP/s", "Peak GOP/s", "Share of peak"],
                         rows))
 
-    lines += each(files, one)
+    lines += each(files, one, prov)
     return lines
 
 
-def _pipeline(files: dict) -> list[str]:
+def _pipeline(files: dict, prov: dict) -> list[str]:
     data = files["pipeline_cost.json"]
     lines = ["## 5. Pipeline cost", ""]
     if not data:
         return lines + not_run(list(files))
+    lines += stamp(prov, "pipeline_cost.json")
     lines += ["Wall time of `rescompress run RECIPE` in a fresh process, and per step as the run recorded it. "
               "\"Training\" is the time in training epochs (with their per-epoch validation); the rest is the "
               "pipeline's own work: pruning analysis, int8 preparation and conversion, export, lint, accuracy "
@@ -275,14 +376,19 @@ def _pipeline(files: dict) -> list[str]:
     return lines
 
 
-def _versions(parts: dict) -> list[str]:
-    seen: dict[str, str] = {}
-    for files in parts.values():
-        for data in files.values():
-            for k, v in ((data or {}).get("provenance") or {}).items():
-                if k not in ("platform", "processor", "cpu_count", "python") and v:
-                    seen.setdefault(k, str(v))
-    return ["## Software", ""] + [f"- {k}: {v}" for k, v in sorted(seen.items())] + [""]
+def _versions(prov: dict) -> list[str]:
+    """Each package's version as the files recorded it; where files differ, which file ran which version."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for name, p in prov["files"].items():
+        for package, version in p["software"].items():
+            seen.setdefault(package, {}).setdefault(version, []).append(name)
+    lines = []
+    for package, versions in sorted(seen.items()):
+        if len(versions) == 1:
+            lines.append(f"- {package}: {next(iter(versions))}")
+        else:
+            lines.append(f"- {package}: " + "; ".join(f"{v} ({', '.join(names)})" for v, names in versions.items()))
+    return ["## Software", ""] + lines + [""]
 
 
 if __name__ == "__main__":
