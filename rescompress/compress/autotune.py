@@ -10,14 +10,13 @@ report says so. Needs the `inc` extra (neural-compressor-pt).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from rescompress.errors import BackendMissingError
 
 try:
-    os.environ.setdefault("LOGLEVEL", "WARNING")  # neural-compressor logs every config at INFO otherwise
     from neural_compressor.common.base_config import BaseConfig
     from neural_compressor.common.base_tuning import TuningConfig, init_tuning
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -65,7 +64,25 @@ def candidates(model: Any, observer: str) -> list[Candidate]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_tuner() -> Iterator[None]:
+    """neural-compressor logs every configuration it tries at INFO; inside the block it logs warnings only,
+    and its logger's level is back to what it was after (the process's own logging is left as it is)."""
+    logger = logging.getLogger("neural_compressor")
+    before = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def autotune(model: Any, cfg: Any, ctx: Any, scheme: str) -> Any:
+    with _quiet_tuner():
+        return _autotune(model, cfg, ctx, scheme)
+
+
+def _autotune(model: Any, cfg: Any, ctx: Any, scheme: str) -> Any:
     from rescompress.compress.quantize import quantize_ptq
     from rescompress.train import evaluate
 
@@ -78,7 +95,6 @@ def autotune(model: Any, cfg: Any, ctx: Any, scheme: str) -> Any:
 
     tuning = TuningConfig(config_set=candidates(model, cfg.observer), tolerable_loss=tune.tolerable_loss,
                           max_trials=tune.max_trials)
-    logging.getLogger("neural_compressor").setLevel(logging.WARNING)
     loader, _, monitor = init_tuning(tuning)
     baseline = score(model)
     monitor.set_baseline(baseline)

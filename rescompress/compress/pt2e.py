@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import types
 import warnings
 import zipfile
@@ -112,22 +113,30 @@ def prepare(model: nn.Module, example: torch.Tensor, quantizer, *, qat: bool) ->
     return bind_modes(prepared)
 
 
+_FOLDING_PATCH = threading.Lock()
+
+
 @contextlib.contextmanager
 def _conv2d_bn_folding_only():
     """convert_pt2e folds QAT conv-bn pairs by tracing replacement patterns for conv1d, conv2d and both
-    transposed convolutions; a ResNet holds only conv2d, and each skipped pattern family saves seconds."""
+    transposed convolutions; a ResNet holds only conv2d, and each skipped pattern family saves seconds.
+
+    torchao's helper is replaced only inside the block and is torchao's own again after it, also when the
+    block raises. Conversions in several threads take turns: interleaved, one would save the other's
+    replacement as "the original" and leave it installed for good."""
     from torchao.quantization.pt2e import qat_utils
 
-    original = qat_utils._fold_conv_bn_qat_helper
+    with _FOLDING_PATCH:
+        original = qat_utils._fold_conv_bn_qat_helper
 
-    def conv2d_only(m, conv_fn, example_inputs, is_cuda):
-        return original(m, conv_fn, example_inputs, is_cuda) if conv_fn is F.conv2d else m
+        def conv2d_only(m, conv_fn, example_inputs, is_cuda):
+            return original(m, conv_fn, example_inputs, is_cuda) if conv_fn is F.conv2d else m
 
-    qat_utils._fold_conv_bn_qat_helper = conv2d_only
-    try:
-        yield
-    finally:
-        qat_utils._fold_conv_bn_qat_helper = original
+        qat_utils._fold_conv_bn_qat_helper = conv2d_only
+        try:
+            yield
+        finally:
+            qat_utils._fold_conv_bn_qat_helper = original
 
 
 def convert(prepared: GraphModule) -> GraphModule:

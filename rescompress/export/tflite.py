@@ -112,9 +112,7 @@ def dist_version(dist: str) -> str:
 
 
 def litert_torch_module():
-    lt = require("litert_torch", "tflite", "the tflite target (converter litert_torch)")
-    logging.getLogger("litert_torch").setLevel(logging.ERROR)
-    return lt
+    return require("litert_torch", "tflite", "the tflite target (converter litert_torch)")
 
 
 def _channel_last(lt, model, cfg: TFLiteConfig):
@@ -221,13 +219,25 @@ def _onnx2tf(model, example, cfg: TFLiteConfig, tmp: Path, details: dict,
         tmp.write_bytes((work / "tf" / produced).read_bytes())
 
 
+_CONVERTER_LOGGERS = ("litert_torch",)
+
+
 @contextlib.contextmanager
 def quiet_converter():
-    """The converters print progress trees and TensorFlow banners; a run's log keeps rescompress's lines."""
+    """The converters print progress trees and TensorFlow banners, and litert-torch logs each lowering step;
+    a run's log keeps rescompress's lines. Inside the block only: the loggers' levels are restored after."""
+    loggers = [logging.getLogger(name) for name in _CONVERTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def tflite_runner(path: Path, threads: Optional[int], *, nhwc: bool = False) -> Callable[[np.ndarray], np.ndarray]:
