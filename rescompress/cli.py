@@ -22,6 +22,7 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 USER_ERROR = 2
+FAILED = 1  # the run finished and wrote its report, but an export, a lint or a device measurement failed
 
 
 @contextlib.contextmanager
@@ -63,12 +64,15 @@ def run(
 
 
 def _run(recipe: Optional[Path], out: Path, resume: Optional[Path], world: "distributed.World") -> None:
+    from rich.markup import escape
+
     from rescompress import pipeline
 
     if resume is not None:
         plan, run_dir, manifest = pipeline.prepare_resume(resume, recipe)
         done = [s for s in plan.steps if manifest.done(s)]
-        opening = f"resuming [bold]{run_dir}[/bold] (finished: {', '.join(done) or 'nothing yet'})"
+        opening = (f"resuming [bold]{run_dir}[/bold] (finished: {', '.join(done) or 'nothing yet'}); "
+                   f"{pipeline.RESUME_REDOES}")
     else:
         plan, run_dir, manifest = pipeline.prepare_new(recipe, out)
         opening = f"run directory: [bold]{run_dir}[/bold]"
@@ -85,6 +89,15 @@ def _run(recipe: Optional[Path], out: Path, resume: Optional[Path], world: "dist
     try:
         report = pipeline.execute(plan, run_dir, manifest, run_console)
         _summary(report, run_dir, run_console)
+        failed = pipeline.failures(report)
+        if failed:
+            run_console.print(f"[bold red]{len(failed)} failure(s)[/bold red] (the report is complete; "
+                              f"see {run_dir / 'report.md'}):")
+            for line in failed:
+                run_console.print(f"  [red]✗[/red] {escape(line)}", soft_wrap=True)
+            raise typer.Exit(FAILED)
+    except typer.Exit:
+        raise
     except KeyboardInterrupt:
         run_console.print(f"interrupted; continue with: rescompress run --resume {run_dir}")
         raise typer.Exit(130) from None
@@ -202,10 +215,13 @@ def bench(
     warmup: int = typer.Option(20, "--warmup", min=0),
     runs: int = typer.Option(200, "--runs", min=1),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="default: the profile's, else the runtime's"),
+    images: Optional[Path] = typer.Option(None, "--input", help="a .npy batch of preprocessed images (N, C, H, W) "
+                                                                "to time on here; default: seeded random input"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Measure one artifact's latency on a device: here, or on the device over ssh (p50/p90/p99, versions,
-    power mode). Exit 1 when the measurement failed (the status says why)."""
+    """Measure one artifact's latency on a device: here (timed as `rescompress run` times it), or on the
+    device over ssh (p50/p90/p99, versions, power mode, the input it ran on). Exit 1 when the measurement
+    failed (the status says why)."""
     import json
 
     from rich.markup import escape
@@ -214,19 +230,23 @@ def bench(
 
     with user_errors():
         result = bench_file(artifact, device, host=host, runtime=None if runtime is BenchRuntime.auto else runtime.value,
-                            batch=batch, warmup=warmup, runs=runs, threads=threads)
+                            batch=batch, warmup=warmup, runs=runs, threads=threads, images=images)
     if as_json:
         console.print_json(json.dumps(result))
     elif result["status"] == "ok":
         lat = result["latency"]
         table = Table(title=f"{artifact.name} on {result['device']} ({result['runtime']}, {result['precision']})",
                       title_justify="left")
-        for col in ("p50 ms", "p90 ms", "p99 ms", "source", "setup"):
+        for col in ("p50 ms", "p90 ms", "p99 ms", "source", "setup", "input"):
             table.add_column(col, justify="right" if col.endswith("ms") else "left")
         setup = f"batch {lat['batch']} · {lat.get('threads') or 'default'} threads · {lat['warmup']} warm-up + {lat['runs']} runs"
         table.add_row(f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
-                      lat["source"] + (f" ({lat['host']})" if lat.get("host") else ""), setup)
+                      lat["source"] + (f" ({lat['host']})" if lat.get("host") else ""), setup,
+                      escape(lat.get("input") or "?"))
         console.print(table)
+        for key in ("method", "note"):
+            if lat.get(key):
+                console.print(f"{key:<16} {escape(str(lat[key]))}", soft_wrap=True)
         for key, value in (result.get("device_facts") or {}).items():
             console.print(f"{key:<16} {escape(str(value))}", soft_wrap=True)
     else:
@@ -311,6 +331,10 @@ class LintTarget(str, Enum):
 def lint(
     artifact: Path = typer.Argument(..., help="an exported model: .onnx (tensorrt, onnxruntime) or .tflite"),
     target: LintTarget = typer.Option(..., "--target", "-t", help="the runtime the file must suit"),
+    device: list[str] = typer.Option(
+        [], "--device", "-d", help="onnxruntime: a device profile (name or YAML path) whose CPU will run the file; "
+                                   "repeat for several. Without one, CPU-dependent verdicts are reported as unknown "
+                                   "(host-cpu judges this machine)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Check that an exported model runs the way its target runtime runs fast; exit 1 on any error."""
@@ -318,12 +342,22 @@ def lint(
 
     from rich.markup import escape
 
+    from rescompress.devices import load_device
     from rescompress.export.lint import lint_file
 
     with user_errors():
-        result = lint_file(artifact, target.value)
+        if device and target.value != "onnxruntime":
+            raise RescompressError(f"--device names the CPU that runs an onnxruntime model; the {target.value} "
+                                   f"lint does not depend on it (drop --device, or use --target onnxruntime)")
+        profiles = [load_device(name) for name in device]
+        for p in profiles:
+            if "onnxruntime" not in p.runtimes:
+                raise RescompressError(f"device {p.name} does not run onnxruntime (its runtimes: "
+                                       f"{', '.join(p.runtimes)})")
+        result = lint_file(artifact, target.value, profiles)
     if as_json:
-        console.print_json(json.dumps({"path": str(artifact), **result.to_dict()}))
+        console.print_json(json.dumps({"path": str(artifact), "devices": [p.name for p in profiles],
+                                       **result.to_dict()}))
     else:
         for finding in result.findings:
             colour = {"error": "red", "warning": "yellow"}.get(finding.severity, "dim")

@@ -2,7 +2,8 @@
 
 `make_plan` checks everything that can be checked without training (files, weights, stage order, targets,
 devices). `run` executes the plan in a run directory; every finished step is recorded in `manifest.json`
-with its checkpoint and content hash, so `resume` continues after the last finished step.
+with its checkpoint and content hash, so `resume` continues after the last finished training step (and
+mid-step from the per-epoch training state); export, measure and report always run again on resume.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from rescompress.rundir import Manifest, load_checkpoint, new_run_dir, now, save
 from rescompress.stages import STAGES
 
 RESOLVED = "recipe.yaml"
+# what --resume does after the training steps: they take seconds to minutes, so they are not cached
+RESUME_REDOES = ("finished training steps are loaded from their hash-checked checkpoints; export, measure and "
+                 "report always run again (the artifacts and the report are rewritten from those checkpoints)")
 
 
 @dataclass
@@ -352,14 +356,14 @@ class Runner:
 
         if art.path is None or not art.path.exists():
             return
+        cpus = [d for d in self.plan.devices if "onnxruntime" in d.runtimes]  # whose CPUs the onnxruntime lint judges
         for target in lint_targets(art, self.plan.devices):
             if target in art.lint_checked:
                 continue
             try:
-                art.add_lint(lint_file(art.path, target))
-            except Exception as exc:  # a lint crash must not cost the run its artifacts
-                why = escape(f"{type(exc).__name__}: {exc}")
-                self.console.print(f"[yellow]lint {target} of {art.name} failed: {why}[/yellow]")
+                art.add_lint(lint_file(art.path, target, cpus if target == "onnxruntime" else ()))
+            except Exception as exc:  # a lint crash must not cost the run its artifacts: it is an error finding
+                art.add_lint_crash(target, exc)
         for target, checked in art.lint_checked.items():  # the exporter's own lint included
             colour = "green" if checked["passed"] else "red"
             verdict = "passes" if checked["passed"] else "FAILS"
@@ -388,36 +392,39 @@ class Runner:
                         input_spec=self.data.input_spec, runtime="", status="failed", from_stage=from_stage,
                         message=f"{type(exc).__name__}: {first} (traceback: {log.relative_to(self.run_dir)})")
 
-    def measure(self, artifacts: list, baseline_top1: float, layers: Callable[[], Any]) -> tuple[list[dict], list[dict]]:
-        """Accuracy and parity of every artifact in its own runtime, then latency per device (measured here,
-        on the device over ssh, or estimated from `layers`, the float model's layer table)."""
+    def measure(self, artifacts: list, baseline: dict, layers: Callable[[], Any]) -> tuple[list[dict], list[dict]]:
+        """Accuracy and parity of every artifact in its own runtime (validation and test splits), then
+        latency per device (measured here, on the device over ssh, or estimated from `layers`, the float
+        model's layer table). `baseline` is the baseline step's record (its `top1` and `val_top1`)."""
+        from rich.markup import escape
+
         from rescompress.bench.device_latency import DeviceLatency, latency_input
         from rescompress.bench.latency import measure_latency
-        from rescompress.export.artifact import parity, top1
         from rescompress.train import progress_bar
 
         spec = self.data.input_spec
         x_test = spec.normalize_numpy(self.data.test.images.numpy())
         y_test = self.data.test.labels.numpy()
+        splits = {"top1": (x_test, y_test)}
+        if len(self.data.val):
+            splits["val_top1"] = (spec.normalize_numpy(self.data.val.images.numpy()), self.data.val.labels.numpy())
         by_name = {a.name: a for a in artifacts}
         art_rows = []
         for art in artifacts:
             row = art.to_report()
             row["path"] = str(art.path.relative_to(self.run_dir)) if art.path else None
             if art.status == "ok":
-                row["top1"] = top1(art, x_test, y_test)
-                row["top1_source"] = f"{art.runtime} on this host"
-                reference = by_name.get(art.reference)
-                if reference is not None:
-                    row["parity"] = {**parity(art, reference, x_test), "reference": reference.name}
-                    reference.release()
+                row.update(self._accuracy(art, art, splits, by_name.get(art.reference),
+                                          f"{art.runtime} on this host"))
                 art.release()
             elif art.status == "deferred" and art.path is not None and art.path.suffix == ".onnx":
-                row["top1"], row["top1_source"] = self._proxy_top1(art, x_test, y_test)
+                row.update(self._proxy_accuracy(art, splits, by_name.get(art.reference)))
             art_rows.append(row)
             acc = f"top-1 {row['top1'] * 100:.2f}%" if row.get("top1") is not None else art.status
             par = f", max |Δlogit| {row['parity']['max_abs_diff']:.2e}" if row.get("parity") else ""
             self.console.print(f"  {art.name:<12} {acc} on {art.runtime}{par}")
+            if row.get("top1_status") == "failed":
+                self.console.print(f"  [red]{art.name}: no top-1: {escape(row['top1_message'])}[/red]", soft_wrap=True)
 
         lat = self.recipe.report.latency
         x_lat = latency_input(x_test, lat.batch)
@@ -429,49 +436,68 @@ class Runner:
             with progress_bar(self.console) as progress:
 
                 def measure_here(art: Any) -> dict:
+                    from rescompress.bench.latency import TEST_IMAGES, time_artifact
+
                     task = progress.add_task(f"{device.name}: {art.name}", total=lat.runs, info="")
-                    stats = measure_latency(art.runner(threads), x_lat, warmup=lat.warmup, runs=lat.runs,
-                                            threads=threads, progress=lambda: progress.advance(task))
-                    art.release()
-                    progress.remove_task(task)
-                    return stats.to_dict()
+                    try:  # as `rescompress bench FILE` times it on this host
+                        return time_artifact(art, x_lat, input_kind=TEST_IMAGES, warmup=lat.warmup, runs=lat.runs,
+                                             threads=threads, progress=lambda: progress.advance(task))
+                    finally:
+                        progress.remove_task(task)
 
                 source = DeviceLatency(device, batch=lat.batch, warmup=lat.warmup, runs=lat.runs, threads=threads,
                                        layers=layers, measure_here=measure_here, pool=pool)
                 for art, row in zip(artifacts, art_rows):
                     if runs_on(art, device):
-                        results.append(self._device_result(device, art, row, source, baseline_top1))
+                        results.append(self._device_result(device, art, row, source, baseline))
             devices.append({"name": device.name, "description": device.description,
                             "accuracy_budget_pt": self.recipe.report.accuracy_budget_pt, "results": results,
                             "recommendation": recommend(results, self.recipe.report.accuracy_budget_pt),
-                            "provenance": source.provenance()})
+                            "provenance": {**source.provenance(), **device.provenance()}})
         return art_rows, devices
 
-    def _proxy_top1(self, art: Any, x_test: Any, y_test: Any) -> tuple[Optional[float], Optional[str]]:
-        """Top-1 of a deferred TensorRT export, from the ONNX file its engine is built from, run in
-        onnxruntime here: a proxy (TensorRT's kernels round differently), labelled as one."""
-        from rescompress.export.artifact import top1
-        from rescompress.export.onnx import ort_runner, ort_version
+    def _accuracy(self, art: Any, run: Callable, splits: dict, reference: Any, where: str) -> dict:
+        """Top-1 of `run` on each split, and its parity with `reference` on the test split. A runtime that
+        fails on the file is recorded (`top1_status: failed` and the message), not raised: the report is
+        still written and the run ends with exit 1."""
+        from rescompress.export.artifact import parity, top1
 
         try:
-            run = ort_runner(art.path, None)
-            return top1(run, x_test, y_test), (f"proxy: onnxruntime {ort_version()} on this host, on the ONNX the "
-                                               f"engine is built from (TensorRT not run)")
-        except Exception as exc:  # onnxruntime cannot run this file: the artifact stays deferred, without a top-1
-            from rich.markup import escape
+            row = {key: top1(run, x, y) for key, (x, y) in splits.items()}
+            if reference is not None:
+                row["parity"] = {**parity(run, reference, splits["top1"][0]), "reference": reference.name}
+                reference.release()
+        except Exception as exc:  # the runtime cannot run this file: a failure in the report, not a crash
+            return {"top1": None, "top1_status": "failed", "top1_message": f"{where}: {type(exc).__name__}: {exc}"}
+        return {**row, "top1_source": where, "top1_status": "ok"}
 
-            self.console.print(f"  [yellow]{art.name}: no proxy top-1 ({escape(f'{type(exc).__name__}: {exc}')})"
-                               f"[/yellow]")
-            return None, None
+    def _proxy_accuracy(self, art: Any, splits: dict, reference: Any) -> dict:
+        """Top-1 of a deferred TensorRT export, from the ONNX file its engine is built from, run in
+        onnxruntime here with its Q/DQ computed as written (no fusion: onnxruntime's fused int8 kernels
+        saturate int16 sums on CPUs without VNNI, and a TensorRT layout is not theirs). A proxy, labelled
+        as one: TensorRT's own kernels round differently."""
+        from rescompress.export.onnx import ort_runner, ort_version
 
-    def _device_result(self, device: DeviceProfile, art: Any, row: dict, source: Any, baseline_top1: float) -> dict:
-        """One artifact on one device: top-1 (with where it was measured), size, and latency with its source."""
+        where = (f"proxy: onnxruntime {ort_version()} on this host, unfused (Q/DQ as written), on the ONNX the "
+                 f"engine is built from (TensorRT not run)")
+        try:
+            run = ort_runner(art.path, None, optimize=False)
+        except Exception as exc:
+            return {"top1": None, "top1_status": "failed", "top1_message": f"{where}: {type(exc).__name__}: {exc}"}
+        return self._accuracy(art, run, splits, reference, where)
+
+    def _device_result(self, device: DeviceProfile, art: Any, row: dict, source: Any, baseline: dict) -> dict:
+        """One artifact on one device: test and validation top-1 (with where they were measured) and their
+        difference from the baseline's, size, and latency with its source."""
         from rich.markup import escape
 
         res = {"artifact": art.name, "runtime": source.runtime_of(art), "top1": row.get("top1"),
-               "top1_source": row.get("top1_source"),
-               "delta_top1_pt": None if row.get("top1") is None else round((row["top1"] - baseline_top1) * 100, 3),
+               "val_top1": row.get("val_top1"), "top1_source": row.get("top1_source"),
+               "delta_top1_pt": delta_pt(row.get("top1"), baseline.get("top1")),
+               "delta_val_top1_pt": delta_pt(row.get("val_top1"), baseline.get("val_top1")),
                "size_bytes": row["size_bytes"], "latency": None, "status": art.status, "message": art.message}
+        if row.get("top1_status") == "failed":
+            res["top1_status"], res["top1_message"] = "failed", row["top1_message"]
         if art.status in ("failed", "skipped"):
             return res
         taken = source.take(art)
@@ -557,17 +583,69 @@ def runs_on(art: Any, device: DeviceProfile) -> bool:
     return runtime in device.runtimes and art.precision in device.precisions(runtime)
 
 
+def delta_pt(top1: Optional[float], reference: Optional[float]) -> Optional[float]:
+    """`top1 - reference` in percentage points (None when either is missing)."""
+    return None if top1 is None or reference is None else round((top1 - reference) * 100, 3)
+
+
+# the latency sources, most trustworthy first: a recommendation ranks within the best one it has
+SOURCE_RANK = ("measured-remote", "measured", "estimated")
+
+
 def recommend(results: list[dict], budget_pt: float) -> Optional[dict]:
-    """The fastest artifact whose top-1 is within the accuracy budget of the baseline."""
-    ok = [r for r in results if r.get("latency") and r.get("delta_top1_pt") is not None
-          and r["delta_top1_pt"] >= -budget_pt]
+    """The fastest artifact within the accuracy budget of the baseline.
+
+    The budget is judged on validation top-1 (measured in each artifact's own runtime, against the
+    baseline's validation top-1), so that the test top-1 reported beside the choice is not the figure it
+    was selected on; without a validation split, test top-1 decides and the reason says so. Latencies are
+    ranked within the best source among the candidates (measured-remote, then measured, then estimated):
+    an estimate carries tens of percent of error and never beats a measurement."""
+    timed = [r for r in results if r.get("latency") and r["latency"].get("p50_ms") is not None]
+    on_val = any(r.get("delta_val_top1_pt") is not None for r in timed)
+    key, split = ("delta_val_top1_pt", "validation") if on_val else ("delta_top1_pt", "test")
+    ok = [r for r in timed if r.get(key) is not None and r[key] >= -budget_pt]
     if not ok:
         return None
-    best = min(ok, key=lambda r: r["latency"]["p50_ms"])
-    proxy = " (top-1 from a proxy: see its source)" if (best.get("top1_source") or "").startswith("proxy") else ""
-    return {"artifact": best["artifact"],
-            "reason": f"fastest (p50 {best['latency']['p50_ms']:.3f} ms, {best['latency']['source']}) "
-                      f"within {budget_pt} pt of the baseline's top-1 ({best['delta_top1_pt']:+.2f} pt){proxy}"}
+    sources = {r["latency"]["source"] for r in ok}
+    best_source = min(sources, key=lambda src: SOURCE_RANK.index(src) if src in SOURCE_RANK else len(SOURCE_RANK))
+    best = min((r for r in ok if r["latency"]["source"] == best_source), key=lambda r: r["latency"]["p50_ms"])
+    reason = (f"fastest {best_source} latency (p50 {best['latency']['p50_ms']:.3f} ms) within {budget_pt} pt of the "
+              f"baseline's {split} top-1 ({best[key]:+.2f} pt)")
+    if on_val and best.get("delta_top1_pt") is not None:
+        reason += f"; test top-1 {best['top1'] * 100:.2f} % ({best['delta_top1_pt']:+.2f} pt), not used to choose"
+    elif not on_val:
+        reason += "; no validation split, so the choice was made on the test top-1 it reports"
+    others = sorted(sources - {best_source}, key=lambda src: SOURCE_RANK.index(src) if src in SOURCE_RANK else 9)
+    if others:
+        left = sum(1 for r in ok if r["latency"]["source"] != best_source)
+        reason += (f"; sources were mixed: {left} candidate(s) with only {'/'.join(others)} latency were not ranked "
+                   f"against {best_source} figures")
+    if (best.get("top1_source") or "").startswith("proxy"):
+        reason += " (top-1 from a proxy: see its source)"
+    return {"artifact": best["artifact"], "reason": reason, "selected_on": split, "latency_source": best_source}
+
+
+def failures(report: dict) -> list[str]:
+    """What went wrong in a finished run, one line each: a requested export that failed, a top-1 that could
+    not be measured, a lint error (a crashed lint included), a device measurement that failed. A deferred
+    TensorRT engine is not a failure: its build command is in the report."""
+    lines = []
+    for a in report["artifacts"]:
+        if a["status"] == "failed":
+            lines.append(f"{a['name']}: export failed: {a.get('message') or 'no message'}")
+        if a.get("top1_status") == "failed":
+            lines.append(f"{a['name']}: top-1 not measured: {a.get('top1_message') or 'no message'}")
+        for target, checked in (a.get("lint_checked") or {}).items():
+            errors = [f for f in a.get("lint") or [] if f.get("target") == target and f["severity"] == "error"]
+            if errors or not checked.get("passed", True):
+                rules = ", ".join(sorted({f["rule"] for f in errors})) or "see the report"
+                lines.append(f"{a['name']}: {target} lint: {len(errors)} error(s) ({rules})")
+    for d in report["devices"]:
+        for r in d["results"]:
+            if r.get("remote_status") not in (None, "ok"):
+                lines.append(f"{d['name']}: {r['artifact']}: measurement on the device failed "
+                             f"({r['remote_status']}): {r.get('message') or 'no message'}")
+    return lines
 
 
 def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> Optional[dict]:
@@ -588,7 +666,7 @@ def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> 
     artifacts = runner.export(model)
     manifest.mark("export", seconds=round(time.time() - t0, 2), artifacts=runner.index(artifacts))
     t0 = time.time()
-    art_rows, devices = runner.measure(artifacts, manifest.done("baseline")["record"]["top1"],
+    art_rows, devices = runner.measure(artifacts, manifest.done("baseline")["record"],
                                        layers=functools.cache(lambda: runner.layer_table(model)))
     manifest.mark("measure", seconds=round(time.time() - t0, 2))
     report = runner.report(art_rows, devices)

@@ -55,7 +55,19 @@ class Artifact:
         """Record a `LintResult` (rescompress.export.lint) on this artifact."""
         self.lint.extend({**f.to_dict(), "target": result.target} for f in result.findings)
         summary = result.to_dict()
-        self.lint_checked[result.target] = {k: summary[k] for k in ("passed", "errors", "warnings", "checked")}
+        self.lint_checked[result.target] = {**{k: summary[k] for k in ("passed", "errors", "warnings", "checked")},
+                                            "status": "passed" if summary["passed"] else "failed"}
+
+    def add_lint_crash(self, target: str, exc: Exception) -> None:
+        """Record that the `target` lint itself failed on this file: an error finding (rule `lint-crashed`)
+        and `lint_checked[target].status == "crashed"`, so the report shows a failure, not a missing lint."""
+        why = f"{type(exc).__name__}: {exc}".strip()
+        self.lint.append({"target": target, "rule": "lint-crashed", "severity": "error", "node": "",
+                          "message": f"the {target} lint could not check this file: {why}",
+                          "fix": "the file may be corrupt or use an operator the lint cannot read; run "
+                                 f"`rescompress lint FILE --target {target}` to see the traceback"})
+        self.lint_checked[target] = {"passed": False, "status": "crashed", "errors": 1, "warnings": 0,
+                                     "checked": f"nothing: the lint crashed ({why[:200]})"}
 
     def release(self) -> None:
         """Drop the runtime session (benchmark one session at a time)."""

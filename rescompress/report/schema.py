@@ -40,8 +40,11 @@ Top level (all required):
   - `message` (str, optional): why, when status is not "ok" (e.g. the deferred engine-build command)
   - `size_bytes` (number, optional); `runtime` (str, optional): runtime name and version
   - `top1` (fraction, optional): measured on the artifact's own runtime, test split; null if not measured
+  - `val_top1` (fraction, optional): the same on the validation split (what recommendations are chosen on)
   - `top1_source` (str, optional): where `top1` was measured; "proxy: ..." when not in the artifact's own
-    runtime (a deferred TensorRT engine's ONNX run in onnxruntime)
+    runtime (a deferred TensorRT engine's ONNX run unfused in onnxruntime)
+  - `top1_status` (str, optional): "ok" | "failed" (the runtime could not run the file; the run exits 1);
+    `top1_message` (str, optional): why it failed
   - `parity` (object, optional): `max_abs_diff` (number): largest |logit difference| against
     `reference` (str): the artifact compared with; `top1_agreement` (fraction): share of equal top-1 predictions
   - `accuracy_only` (str, optional): why the artifact's latency is not measured (a reference such as the
@@ -50,7 +53,8 @@ Top level (all required):
     "onnxruntime" | "tflite"), `rule` (str), `node` (str, optional), `message` (str), `fix` (str, optional),
     `severity` ("error" | "warning" | "info")
   - `lint_checked` (object, optional): lint target -> `passed` (bool), `errors`, `warnings` (int), `checked`
-    (str: what was checked)
+    (str: what was checked), `status` (str, optional): "passed" | "failed" | "crashed" (the lint itself
+    failed on the file; it is also an error finding with rule `lint-crashed`)
   - `details` (object, optional): target-specific facts, e.g. `scheme`, `converter`, `build_commands`
     (device -> the command that builds a deferred TensorRT engine there)
 - `devices` (list): one object per target device.
@@ -59,7 +63,9 @@ Top level (all required):
     - `artifact` (str): an `artifacts[].name`; `runtime` (str, optional)
     - `top1` (fraction, optional); `top1_source` (str, optional): where that top-1 was measured, e.g.
       "onnxruntime 1.31.1 on this host"; `delta_top1_pt` (number, optional): top-1 minus the baseline's
-      torch top-1, in percentage points; `size_bytes` (number, optional)
+      torch top-1, in percentage points; `val_top1` (fraction, optional) and `delta_val_top1_pt` (number,
+      optional): the same on the validation split, against the baseline's `val_top1`; `top1_status`,
+      `top1_message` (str, optional) as in artifacts; `size_bytes` (number, optional)
     - `latency` (object, optional; null with `status`/`message` saying why): `source` ("measured" |
       "measured-remote" | "estimated"); `p50_ms`, `p90_ms`, `p99_ms`, `mean_ms` (number, optional);
       `batch`, `warmup`, `runs`, `threads` (int, optional); other keys are kept, e.g. `power_mode`,
@@ -69,7 +75,10 @@ Top level (all required):
       "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "timeout" | "failed")
     - `status` (str): "ok" | "deferred" | "failed" | "skipped"; `message` (str, optional)
   - `recommendation` (object, optional): `artifact` (str): one of this device's results;
-    `reason` (str, optional), e.g. "fastest within 1.0 pt of the baseline"
+    `reason` (str, optional), e.g. "fastest measured latency ... within 1.0 pt of the baseline's validation
+    top-1"; `selected_on` (str, optional): "validation" | "test" (the split whose top-1 the budget was judged
+    on; test only when there is no validation split); `latency_source` (str, optional): the source the
+    candidates were ranked within (the best one any candidate had)
   - `provenance` (object, optional): `latency` (runtime -> "measured" | "measured-remote" | "estimated" |
     "none"); `device` (object, optional): facts the device reported (python, runtime versions, power mode);
     `connection` (str, optional): why the device could not be reached; `power_mode_command` (str, optional);
@@ -98,6 +107,7 @@ SCHEMA_VERSION = 1
 STATUSES = ("ok", "deferred", "failed", "skipped")
 LATENCY_SOURCES = ("measured", "measured-remote", "estimated")
 LINT_SEVERITIES = ("error", "warning", "info")
+TOP1_STATUSES = ("ok", "failed")
 
 REQUIRED_TOP_LEVEL = (
     "schema_version", "rescompress_version", "recipe", "run", "dataset",
@@ -204,6 +214,9 @@ def _check_artifact(c: _Checker, path: str, a: Mapping[str, Any]) -> None:
     c.field(a, "size_bytes", "number", path, required=False)
     c.field(a, "top1", "fraction", path, required=False)
     c.field(a, "top1_source", "str", path, required=False)
+    c.field(a, "val_top1", "fraction", path, required=False)
+    c.field(a, "top1_status", "str", path, required=False, choices=TOP1_STATUSES)
+    c.field(a, "top1_message", "str", path, required=False)
     parity = c.field(a, "parity", "object", path, required=False)
     if parity is not None:
         c.field(parity, "max_abs_diff", "number", f"{path}.parity", required=False)
@@ -228,6 +241,10 @@ def _check_result(c: _Checker, path: str, r: Mapping[str, Any], artifacts: set[s
     c.field(r, "top1_source", "str", path, required=False)
     c.field(r, "remote_status", "str", path, required=False)
     c.field(r, "delta_top1_pt", "number", path, required=False)
+    c.field(r, "val_top1", "fraction", path, required=False)
+    c.field(r, "delta_val_top1_pt", "number", path, required=False)
+    c.field(r, "top1_status", "str", path, required=False, choices=TOP1_STATUSES)
+    c.field(r, "top1_message", "str", path, required=False)
     c.field(r, "size_bytes", "number", path, required=False)
     latency = c.field(r, "latency", "object", path, required=False)
     if latency is not None:
