@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rescompress.errors import ResumeError
-from rescompress.pipeline import execute, prepare_new, prepare_resume
+from rescompress.pipeline import RESUME_REDOES, execute, prepare_new, prepare_resume
 from rescompress.rundir import MANIFEST, Manifest
 from rescompress.report import validate_report
 from tests.conftest import TINY_RECIPE, write_recipe
@@ -38,7 +38,10 @@ def console():
 def test_tiny_recipe_end_to_end(tmp_path, console):
     data = copy.deepcopy(TINY_RECIPE)
     data["stages"] = [{"finetune": {"epochs": 1}}]
-    report, run_dir = _run(write_recipe(tmp_path / "tiny.yaml", data), tmp_path / "runs", console)
+    plan, run_dir, manifest = prepare_new(write_recipe(tmp_path / "tiny.yaml", data), tmp_path / "runs")
+    t0 = time.monotonic()
+    report = execute(plan, run_dir, manifest, console)
+    wall = time.monotonic() - t0
 
     for name in ("report.json", "report.md", "report.html", "plots/accuracy_vs_latency.png", "recipe.yaml",
                  "recipe.original.yaml", MANIFEST, "checkpoints/00-baseline.pt", "checkpoints/01-finetune.pt",
@@ -79,7 +82,10 @@ def test_tiny_recipe_end_to_end(tmp_path, console):
         stage = next(s for s in on_disk["stages"] if s["name"] == name)
         assert stage["train_seconds"] == steps[name]["train_seconds"]
     assert steps["export"]["train_seconds"] == 0 and steps["export"]["seconds"] > 0
+    # the step times are clocked, not made up: together they are the run's time, which the wall clock
+    # around it bounds (it adds only writing the report and plots)
     assert sum(s["seconds"] for s in steps.values()) == pytest.approx(on_disk["run"]["seconds"], abs=0.1)
+    assert 0.5 * wall <= on_disk["run"]["seconds"] <= wall + 0.1
     assert "## Time" in md and "outside training epochs" in md
 
 
@@ -98,9 +104,13 @@ def test_resume_skips_finished_steps_and_rejects_tampering(tmp_path, console):
     path = write_recipe(tmp_path / "tiny.yaml", {**TINY_RECIPE, "stages": [{"finetune": {"epochs": 1}}]})
     report, run_dir = _run(path, tmp_path / "runs", console)
     before = (run_dir / "checkpoints/00-baseline.pt").stat().st_mtime_ns
+    exported = (run_dir / "artifacts/onnx-fp32.onnx").stat().st_mtime_ns
     plan, _, manifest = prepare_resume(run_dir)
     again = execute(plan, run_dir, manifest, console)
     assert (run_dir / "checkpoints/00-baseline.pt").stat().st_mtime_ns == before
+    # as documented (pipeline.RESUME_REDOES): training steps are kept, export and measurement run again
+    assert (run_dir / "artifacts/onnx-fp32.onnx").stat().st_mtime_ns != exported
+    assert "export, measure and report always run again" in RESUME_REDOES
     assert again["stages"][0]["top1"] == report["stages"][0]["top1"]
 
     with (run_dir / "checkpoints/01-finetune.pt").open("ab") as f:
