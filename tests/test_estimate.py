@@ -104,11 +104,41 @@ def test_estimate_says_where_it_comes_from(shipped):
     assert len(lat["calibrated_on"]) == 6
     assert any(c.startswith("jetson-agx-orin resnet50 tensorrt int8 0.640 ms (MLCommons") for c in lat["calibrated_on"])
     rows = figure_errors(ORIN, shipped)
-    assert lat["check_max_abs_error_pct"] == pytest.approx(max(abs(r["error_pct"]) for r in rows))
+    int8 = [r for r in rows if (r["runtime"], r["precision"]) == ("tensorrt", "int8")]
+    assert len(int8) == 2  # the MLPerf figures: the fp16 ones do not check an int8 estimate
+    assert lat["check_max_abs_error_pct"] == pytest.approx(max(abs(r["error_pct"]) for r in int8))
+    assert lat["check"] == f"out of sample on 2 published tensorrt int8 figure(s) of group {ORIN}"
     assert {(r["use"], r["check"]) for r in rows} == {("calibrate", "leave-one-out")} and len(rows) == 6
     assert all(r["error_pct"] == pytest.approx((r["estimated_ms"] - r["published_ms"]) / r["published_ms"] * 100)
                for r in rows)
     assert calibrate(ORIN, shipped).describe()["fitted"] == ["efficiency", "layer_us"]
+
+
+def test_an_estimate_without_figures_of_its_runtime_and_precision_is_unchecked(shipped):
+    """The Cortex-A group holds only Raspberry Pi TFLite fp16 figures: they check a Pi TFLite fp16 estimate,
+    not an Orin CPU onnxruntime int8 one."""
+    layers = list(reference_layers("resnet50"))
+    orin_cpu = estimate_latency(by_name(shipped, "jetson-agx-orin"), "onnxruntime", "int8", layers,
+                                devices=shipped).latency
+    assert orin_cpu["group"] == "arm-cortex-a-cpu" and orin_cpu["p50_ms"] > 0
+    assert "check_max_abs_error_pct" not in orin_cpu
+    assert orin_cpu["check"].startswith("unchecked: no published figure of this runtime/precision (onnxruntime int8)")
+    pi = by_name(shipped, "raspberry-pi-5")
+    assert "check_max_abs_error_pct" not in estimate_latency(pi, "tflite", "int8", layers, devices=shipped).latency
+    pi_fp16 = estimate_latency(pi, "tflite", "fp16", layers, devices=shipped).latency
+    loo = [r["error_pct"] for r in figure_errors("arm-cortex-a-cpu", shipped)]
+    assert len(loo) == 2 and pi_fp16["check_max_abs_error_pct"] == pytest.approx(max(map(abs, loo)))
+    assert pi_fp16["check"].startswith("out of sample on 2 published tflite fp16 figure(s)")
+
+
+def test_a_figure_that_was_only_fitted_on_does_not_check_its_estimate():
+    board = DeviceProfile.model_validate({
+        "name": "board", "runtimes": {"tflite": {"unit": "cpu", "estimate_group": "one-board"}},
+        "compute": {"cpu": {"peak_tops": {"fp32": 0.1, "fp16": 0.2, "int8": 0.4}, "memory_gbps": 10}},
+        "published": [{"model": "resnet18", "runtime": "tflite", "precision": "fp16", "latency_ms": 50.0,
+                       "source": "a benchmark"}]})
+    lat = estimate_latency(board, "tflite", "fp16", list(reference_layers("resnet18")), devices=[board]).latency
+    assert "check_max_abs_error_pct" not in lat and lat["check"].startswith("unchecked: the group's only published")
 
 
 def _with_figure(devices: list[DeviceProfile], device: str, model: str, precision: str, **update):

@@ -33,6 +33,10 @@ come out -29 %, -10 %, -50 % and -44 %: the two sources scale differently betwee
 is 1.69x, below the int8 peak ratio 2.83x; Nano/AGX in NetsPresso is 4.2x, the fp16 peak ratio 4.25x), so
 a group needs figures of the precision and kind it estimates. Freeing `fixed_us` as a third parameter moves
 the Nano ResNet-18 check to -30 %; it stays fixed (see DEFAULTS).
+
+So an estimate carries an error bar (`check_max_abs_error_pct`) only from the group's figures of its own
+runtime and precision; an Orin CPU onnxruntime int8 estimate, whose group holds only Raspberry Pi TFLite fp16
+figures, is labelled `check: "unchecked: no published figure of this runtime/precision ..."` instead.
 """
 
 from __future__ import annotations
@@ -457,7 +461,6 @@ def estimate_latency(device: "DeviceProfile", runtime: str, precision: str, laye
         cal = calibrate(group, devices)
     except ValueError as exc:
         return Estimate(None, str(exc))
-    checks = [r["error_pct"] for r in figure_errors(group, devices) if r["error_pct"] is not None]
     p50 = roofline_ms(layers, precision, unit.peak_tops[precision], unit.memory_gbps, cal.params)
     return Estimate({
         **({"extrapolated": note} if (note := _extrapolation(layers, cal)) else {}),
@@ -466,6 +469,26 @@ def estimate_latency(device: "DeviceProfile", runtime: str, precision: str, laye
         "batch": int(layers[0].batch),
         "group": group,
         "calibrated_on": cal.labels(),
-        "check_max_abs_error_pct": float(max(abs(e) for e in checks)) if checks else None,
+        **check_for(group, runtime, precision, devices),
         "parameters": dict(cal.params),
     })
+
+
+UNCHECKED = "unchecked: no published figure of this runtime/precision"
+
+
+def check_for(group: str, runtime: str, precision: str, devices: Optional[list["DeviceProfile"]] = None) -> dict:
+    """The error bar an estimate of `runtime` at `precision` in `group` may carry: the largest out-of-sample
+    error on the group's published figures of that same runtime and precision (`check_max_abs_error_pct`,
+    with `check` saying on how many). Figures of another runtime or precision do not check it (the group's
+    fit scales differently between them, see the module docstring): without one of its own, `check` says
+    "unchecked: ..." and no error is given."""
+    rows = [r for r in figure_errors(group, devices) if (r["runtime"], r["precision"]) == (runtime, precision)]
+    errors = [r["error_pct"] for r in rows if r["error_pct"] is not None]
+    if errors:
+        return {"check": f"out of sample on {len(errors)} published {runtime} {precision} figure(s) of group {group}",
+                "check_max_abs_error_pct": float(max(abs(e) for e in errors))}
+    if rows:
+        return {"check": f"unchecked: the group's only published {runtime} {precision} figure is the one it was "
+                         f"fitted on, so none is left out to check it"}
+    return {"check": f"{UNCHECKED} ({runtime} {precision}) in group {group}"}
