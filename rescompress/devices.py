@@ -1,24 +1,34 @@
 """Device profiles: one YAML file per device under `devices/` (or a path given in the recipe).
 
 A profile says what the device runs (runtimes and their precisions, on which compute unit), what its
-hardware can do (peak operations per second per precision, memory bandwidth), what has been published
-about it (reference latencies with their sources, which calibrate the latency estimate or check it), how
-to reach it (ssh, adb) and how it reports its power mode.
+hardware can do (peak operations per second per precision, memory bandwidth, the CPU's int8 instructions),
+what has been published about it (reference latencies with their sources, which calibrate the latency
+estimate or check it), how to reach it (ssh, adb) and how it reports its power mode.
+
+Profiles are looked up by name in the working directory's `devices/`, then in the built-in ones shipped with
+rescompress. A profile carries commands that are run (its trtexec path, the device's python, the power-mode
+command), so a local profile that shadows a built-in one is warned about (`ProfileShadowWarning`), and every
+loaded profile remembers its file and that file's sha256 (`DeviceProfile.origin`), which the report records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rescompress.errors import RecipeError, UnknownNameError
 from rescompress.registry import suggest
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "devices"
+CPUINFO = Path("/proc/cpuinfo")  # where the `cpu: {isa: host}` profile's features are read
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
@@ -46,6 +56,77 @@ class ComputeUnit(Strict):
             if not tops > 0:
                 raise ValueError(f"peak_tops.{precision} must be > 0, got {tops}")
         return value
+
+
+# int8 dot-product instructions, by their /proc/cpuinfo flag names: Arm's SDOT/UDOT (ARMv8.2 dotprod) and
+# USDOT/SMMLA (ARMv8.6 i8mm); x86's VNNI (AVX512-VNNI, AVX-VNNI) and AMX-INT8
+INT8_DOT_FEATURES: dict[str, tuple[str, ...]] = {"arm64": ("asimddp", "i8mm"),
+                                                 "x86_64": ("avx512_vnni", "avx_vnni", "amx_int8")}
+_MACHINES = {"aarch64": "arm64", "arm64": "arm64", "x86_64": "x86_64", "amd64": "x86_64"}
+
+
+class CPU(Strict):
+    """The device's application CPU, as far as int8 kernels care (onnxruntime's CPU kernels pick their int8
+    path by architecture and dot-product instructions)."""
+    model: str = Field("", description="e.g. 6x Arm Cortex-A78AE (ARMv8.2-A)")
+    arch: Optional[Literal["arm64", "x86_64"]] = Field(None, description="instruction-set architecture")
+    isa: Union[Literal["host"], list[str], None] = Field(
+        None, description="instruction-set features by their /proc/cpuinfo flag names (asimddp, i8mm; avx2, "
+                          "avx512_vnni, avx_vnni); a list names every int8 dot-product feature the CPU has, so "
+                          "one without any lists none of them. `host`: this host's CPU, whose architecture and "
+                          "features are read from this machine when needed. Omitted: unknown")
+
+    @model_validator(mode="after")
+    def _host_or_listed(self) -> "CPU":
+        if self.isa == "host" and self.arch is not None:
+            raise ValueError("cpu.arch is read from this host when cpu.isa is 'host'; drop cpu.arch")
+        if isinstance(self.isa, list) and self.arch is None:
+            raise ValueError("cpu.isa lists features of an architecture: give cpu.arch (arm64 or x86_64)")
+        return self
+
+    def features(self) -> "CPUFeatures":
+        """The architecture and features to judge int8 kernels by; for `isa: host`, read from this machine."""
+        if self.isa == "host":
+            return host_cpu()
+        if self.isa is None:
+            return CPUFeatures(self.arch, None, "unknown: the profile's cpu section lists no isa features"
+                               + ("" if self.arch else " and no arch"))
+        return CPUFeatures(self.arch, frozenset(self.isa), "the profile")
+
+
+@dataclass(frozen=True)
+class CPUFeatures:
+    arch: Optional[str]  # arm64 | x86_64 | None (unknown)
+    isa: Optional[frozenset[str]]  # None: unknown
+    where: str  # where they were read ("the profile", "this host's /proc/cpuinfo"), or "unknown: <why>"
+
+    @property
+    def int8_dot(self) -> Optional[bool]:
+        """Whether the CPU has an int8 dot-product instruction; None when that is not known."""
+        if self.arch not in INT8_DOT_FEATURES or self.isa is None:
+            return None
+        return any(f in self.isa for f in INT8_DOT_FEATURES[self.arch])
+
+
+def host_cpu(cpuinfo: Optional[Path] = None) -> CPUFeatures:
+    """This machine's architecture and CPU flags (Linux /proc/cpuinfo); unknown features when it cannot be read."""
+    cpuinfo = CPUINFO if cpuinfo is None else cpuinfo
+    arch = _MACHINES.get(platform.machine().lower())
+    if arch is None:
+        return CPUFeatures(None, None, f"unknown: this host's architecture {platform.machine()!r} is neither "
+                                       f"arm64 nor x86_64")
+    try:
+        text = cpuinfo.read_text(errors="ignore")
+    except OSError as exc:
+        return CPUFeatures(arch, None, f"unknown: {cpuinfo} cannot be read ({exc.strerror or exc})")
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 and Arm spell the line differently
+            flags.update(value.split())
+    if not flags:
+        return CPUFeatures(arch, None, f"unknown: {cpuinfo} lists no CPU flags")
+    return CPUFeatures(arch, frozenset(flags), f"this host's {cpuinfo}")
 
 
 class RuntimeSupport(Strict):
@@ -122,6 +203,9 @@ class DeviceProfile(Strict):
     threads: Optional[int] = Field(None, gt=0, description="default: the recipe's report.latency.threads")
     trtexec: str = Field("trtexec", description="trtexec on the device, for the engine build command of a deferred "
                                                 "tensorrt export and for remote runs (JetPack: /usr/src/tensorrt/bin/trtexec)")
+    cpu: Optional[CPU] = Field(None, description="the application CPU (onnxruntime runs on it); without one its "
+                                                 "int8 instructions are unknown")
+    _origin: Optional["ProfileOrigin"] = PrivateAttr(None)
 
     @field_validator("runtimes", mode="before")
     @classmethod
@@ -151,6 +235,21 @@ class DeviceProfile(Strict):
         return self
 
     @property
+    def origin(self) -> Optional["ProfileOrigin"]:
+        """The file this profile was loaded from; None for a profile built in code."""
+        return self._origin
+
+    def provenance(self) -> dict:
+        """For a report: `profile`, the file this profile was read from, its sha256 and whether it is built in."""
+        return {"profile": asdict(self._origin)} if self._origin is not None else {}
+
+    def cpu_features(self) -> CPUFeatures:
+        """The CPU's architecture and int8-relevant features, or unknowns saying why."""
+        if self.cpu is None:
+            return CPUFeatures(None, None, f"unknown: profile {self.name} has no `cpu` section")
+        return self.cpu.features()
+
+    @property
     def ssh(self) -> Optional[SSHConnection]:
         return self.connection.ssh if self.connection else None
 
@@ -167,6 +266,18 @@ class DeviceProfile(Strict):
         return "estimated" if rt is not None and rt.unit is not None and rt.estimate_group else "none"
 
 
+@dataclass(frozen=True)
+class ProfileOrigin:
+    """Where a profile came from: the commands it carries are run, so the report says which file it was."""
+    path: str
+    sha256: str
+    builtin: bool  # one of the profiles shipped with rescompress
+
+
+class ProfileShadowWarning(UserWarning):
+    """A profile in the working directory's devices/ is used instead of the built-in one of the same name."""
+
+
 def search_dirs() -> list[Path]:
     dirs = [Path.cwd() / "devices", BUILTIN_DIR]
     return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
@@ -180,8 +291,19 @@ def available_devices() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def builtin_devices() -> dict[str, Path]:
+    """The profiles shipped with rescompress, by name."""
+    return {f.stem: f for f in sorted(BUILTIN_DIR.glob("*.yaml"))} if BUILTIN_DIR.is_dir() else {}
+
+
+def is_builtin(path: Path) -> bool:
+    return path.resolve().parent == BUILTIN_DIR.resolve()
+
+
 def load_device(name_or_path: str) -> DeviceProfile:
-    """A device by profile name (`host-cpu`) or by path to a YAML profile."""
+    """A device by profile name (`host-cpu`) or by path to a YAML profile. A name found in the working
+    directory's devices/ that is also a built-in profile's name loads the local file, with a
+    `ProfileShadowWarning`."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         known = available_devices()
@@ -189,24 +311,34 @@ def load_device(name_or_path: str) -> DeviceProfile:
             raise UnknownNameError(
                 f"unknown device '{name_or_path}'{suggest(name_or_path, list(known))} (known: {', '.join(known)})")
         path = known[name_or_path]
+        builtin = builtin_devices().get(name_or_path)
+        if builtin is not None and not is_builtin(path):
+            warnings.warn(f"device '{name_or_path}': using {path}, which shadows the built-in profile {builtin} "
+                          f"(its commands, trtexec and python paths are the local file's); give the path in the "
+                          f"recipe to make that explicit, or rename the file", ProfileShadowWarning, stacklevel=2)
     if not path.is_file():
         raise RecipeError(f"device profile not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return DeviceProfile.model_validate(data)
+        raw = path.read_bytes()
+        data = yaml.safe_load(raw.decode("utf-8"))
+        device = DeviceProfile.model_validate(data)
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: YAML syntax error: {exc}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise RecipeError(f"{path}: {loc}: {first['msg']}") from None
+    device._origin = ProfileOrigin(str(path.resolve()), hashlib.sha256(raw).hexdigest(), is_builtin(path))
+    return device
 
 
 def group_figures(group: str, devices: Optional[list[DeviceProfile]] = None) -> list[tuple[DeviceProfile, PublishedLatency]]:
-    """Every published figure, from every known profile (or `devices`), for a runtime in estimate group
+    """Every published figure, from the built-in profiles (or `devices`), for a runtime in estimate group
     `group`; the same figure on the same hardware counts once."""
     if devices is None:
-        devices = [load_device(str(p)) for p in available_devices().values()]
+        devices = estimate_pool([])
     out, seen = [], set()
     for dev in devices:
         for fig in dev.published:
@@ -223,8 +355,9 @@ def group_figures(group: str, devices: Optional[list[DeviceProfile]] = None) -> 
 
 
 def estimate_pool(devices: list[DeviceProfile]) -> list[DeviceProfile]:
-    """Every known profile plus `devices` (a recipe's, which may be files of their own; they win by name):
-    the profiles whose published figures calibrate latency estimates."""
-    pool = {name: load_device(str(path)) for name, path in available_devices().items()}
+    """The built-in profiles plus `devices` (a recipe's, which may be files of their own; they win by name): the
+    profiles whose published figures calibrate latency estimates. Other files in the working directory's
+    devices/ are not read, so an estimate depends on the recipe and rescompress, not on where it runs."""
+    pool = {name: load_device(str(path)) for name, path in builtin_devices().items()}
     pool.update({d.name: d for d in devices})
     return list(pool.values())

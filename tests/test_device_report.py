@@ -121,3 +121,28 @@ def test_a_recipe_measures_on_a_device_over_ssh(sshd, tmp_path):
     md = (run_dir / "report.md").read_text()
     assert f"measured-remote ({lat['host']})" in md and "power mode MODE_15W" in md
     assert "measured-remote failed (auth-failed)" in md and "measured-remote failed (runtime-missing)" in md
+
+
+def test_the_report_names_each_profile_file_and_labels_unchecked_estimates(tmp_path):
+    import hashlib
+
+    from rescompress.devices import BUILTIN_DIR
+
+    data = yaml.safe_load(available_devices()["raspberry-pi-5"].read_text(encoding="utf-8"))
+    data["name"] = "my-pi"
+    mine = tmp_path / "my-pi.yaml"
+    mine.write_text(yaml.safe_dump(data), encoding="utf-8")
+    report, run_dir = run_recipe(tmp_path, ["host-cpu", str(mine)])
+    validate_report(json.loads((run_dir / "report.json").read_text()))
+    by_name = {d["name"]: d for d in report["devices"]}
+    host = BUILTIN_DIR / "host-cpu.yaml"
+    assert by_name["host-cpu"]["provenance"]["profile"] == {
+        "path": str(host.resolve()), "sha256": hashlib.sha256(host.read_bytes()).hexdigest(), "builtin": True}
+    assert by_name["my-pi"]["provenance"]["profile"] == {
+        "path": str(mine.resolve()), "sha256": hashlib.sha256(mine.read_bytes()).hexdigest(), "builtin": False}
+
+    # the group's figures are TFLite fp16: they give no error bar to an onnxruntime fp32 estimate
+    lat = {r["artifact"]: r for r in by_name["my-pi"]["results"]}["onnx-fp32"]["latency"]
+    assert lat["source"] == "estimated" and lat["p50_ms"] > 0
+    assert "check_max_abs_error_pct" not in lat and lat["check"].startswith("unchecked: no published figure")
+    assert "estimated (arm-cortex-a-cpu)" in (run_dir / "report.md").read_text()

@@ -76,6 +76,9 @@ def _base() -> dict:
      r"published.0.use: Input should be 'calibrate' or 'holdout'"),
     (lambda d: d.update(latency_source="measured-remote"), r"measured-remote needs connection.ssh"),
     (lambda d: d.update(connection={"ssh": {"host": "x", "prot": 22}}), r"connection.ssh.prot: Extra inputs"),
+    (lambda d: d.update(cpu={"isa": ["asimddp"]}), r"cpu: Value error, cpu.isa lists features .* give cpu.arch"),
+    (lambda d: d.update(cpu={"arch": "arm64", "isa": "host"}), r"cpu.arch is read from this host .* drop cpu.arch"),
+    (lambda d: d.update(cpu={"arch": "riscv64", "isa": []}), r"cpu.arch: Input should be 'arm64' or 'x86_64'"),
 ])
 def test_a_bad_profile_names_its_field(tmp_path, change, match):
     data = _base()
@@ -101,3 +104,90 @@ def test_a_recipe_profile_joins_the_estimate_pool():
     mine = pi.model_copy(update={"name": "my-pi", "published": [own]})
     figs = group_figures("arm-cortex-a-cpu", estimate_pool([mine]))
     assert len(figs) == 3 and ("my-pi", "resnet34") in {(d.name, f.model) for d, f in figs}
+
+
+def test_the_shipped_profiles_describe_their_cpu():
+    for name in ("jetson-agx-orin", "jetson-orin-nx", "jetson-orin-nano", "raspberry-pi-5"):
+        cpu = load_device(name).cpu_features()  # Cortex-A78AE and Cortex-A76: ARMv8.2-A with dot product
+        assert (cpu.arch, cpu.int8_dot, cpu.where) == ("arm64", True, "the profile"), name
+        assert "asimddp" in cpu.isa and "i8mm" not in cpu.isa
+    assert load_device("host-cpu").cpu.isa == "host"  # read from this machine, when needed
+    board = DeviceProfile.model_validate(_base()).cpu_features()
+    assert board.int8_dot is None and board.where.startswith("unknown: profile board has no `cpu` section")
+
+
+def test_host_cpu_features_come_from_cpuinfo(tmp_path, monkeypatch):
+    from rescompress.devices import host_cpu
+
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 asimdhp asimddp\n", encoding="utf-8")
+    cpu = host_cpu(arm)
+    assert (cpu.arch, cpu.int8_dot) == ("arm64", True) and "asimddp" in cpu.isa and str(arm) in cpu.where
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n", encoding="utf-8")
+    assert (host_cpu(x86).arch, host_cpu(x86).int8_dot) == ("x86_64", False)
+    missing = host_cpu(tmp_path / "none")
+    assert missing.isa is None and missing.int8_dot is None and missing.where.startswith("unknown: ")
+
+
+def _local_profile(directory, name: str, **fields):
+    """A copy of a built-in profile in `directory`/devices/, with `fields` changed."""
+    data = yaml.safe_load(open(available_devices()[fields.pop("base", name)], encoding="utf-8"))
+    data.update(name=name, **fields)
+    path = directory / "devices" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_each_profile_records_its_file_and_hash(tmp_path, monkeypatch):
+    import hashlib
+    import warnings
+
+    from rescompress.devices import BUILTIN_DIR
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a built-in profile that nothing shadows loads without a warning
+        dev = load_device("jetson-agx-orin")
+    builtin = BUILTIN_DIR / "jetson-agx-orin.yaml"
+    assert dev.provenance() == {"profile": {"path": str(builtin.resolve()), "builtin": True,
+                                            "sha256": hashlib.sha256(builtin.read_bytes()).hexdigest()}}
+    mine = _local_profile(tmp_path, "my-board", base="jetson-agx-orin")
+    record = load_device(str(mine)).provenance()["profile"]
+    assert record == {"path": str(mine.resolve()), "builtin": False,
+                      "sha256": hashlib.sha256(mine.read_bytes()).hexdigest()}
+    assert DeviceProfile.model_validate(_base()).provenance() == {}  # built in code: no file to name
+
+
+def test_a_local_profile_that_shadows_a_builtin_one_warns(tmp_path, monkeypatch):
+    from rescompress.devices import ProfileShadowWarning
+
+    local = _local_profile(tmp_path, "jetson-orin-nano", trtexec="/opt/other/trtexec")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(ProfileShadowWarning, match=r"device 'jetson-orin-nano': using .*devices/jetson-orin-nano.yaml, "
+                                                  r"which shadows the built-in profile"):
+        dev = load_device("jetson-orin-nano")
+    assert dev.trtexec == "/opt/other/trtexec"  # the local file is the one used, and the report says so
+    assert dev.provenance()["profile"]["path"] == str(local.resolve())
+    assert dev.provenance()["profile"]["builtin"] is False
+
+
+def test_the_estimate_pool_ignores_unnamed_local_profiles(tmp_path, monkeypatch):
+    from rescompress.bench.estimate import calibrate
+    from rescompress.devices import BUILTIN_DIR, PublishedLatency, estimate_pool
+
+    odd = PublishedLatency(model="resnet34", runtime="tflite", precision="fp16", latency_ms=900.0,
+                           source="a stray file")
+    _local_profile(tmp_path, "stray-pi", base="raspberry-pi-5", published=[odd.model_dump(mode="json")])
+    builtin = calibrate("arm-cortex-a-cpu", estimate_pool([load_device("raspberry-pi-5")]))
+    monkeypatch.chdir(tmp_path)
+    assert "stray-pi" in available_devices()  # listed and loadable by name, but not read unless named
+    pool = estimate_pool([load_device("raspberry-pi-5")])
+    assert {d.name for d in pool} == {p.stem for p in BUILTIN_DIR.glob("*.yaml")}
+    assert "stray-pi" not in {d.name for d, _ in group_figures("arm-cortex-a-cpu")}
+    assert calibrate("arm-cortex-a-cpu", pool).params == builtin.params
+    named = estimate_pool([load_device("stray-pi")])  # the recipe names it: its figures join the group
+    assert ("stray-pi", "resnet34") in {(d.name, f.model) for d, f in group_figures("arm-cortex-a-cpu", named)}

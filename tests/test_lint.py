@@ -306,3 +306,109 @@ def test_corrupt_onnx_is_a_clear_error(tmp_path, content):
     for target in ("tensorrt", "onnxruntime"):
         with pytest.raises(RescompressError, match="corrupt.onnx is not a readable ONNX model"):
             lint_file(path, target)
+
+
+# ------------------------------------------------------------------ onnxruntime: the target device's CPU
+
+def _cpu_profile(name: str, cpu: dict | None):
+    from rescompress.devices import DeviceProfile
+
+    return DeviceProfile.model_validate({"name": name, "runtimes": ["onnxruntime"],
+                                         **({"cpu": cpu} if cpu is not None else {})})
+
+
+OLD_XEON = {"model": "Xeon E5-2690 v4 (Broadwell)", "arch": "x86_64", "isa": ["avx2", "fma"]}
+VNNI_XEON = {"model": "Xeon Gold 6248 (Cascade Lake)", "arch": "x86_64", "isa": ["avx2", "avx512f", "avx512_vnni"]}
+
+
+@pytest.fixture(scope="module")
+def u8s8_wide_onnx(fp32_onnx, digits_small, onnx_dir) -> Path:
+    """onnxruntime's quantize_static with uint8 activations and full 8-bit per-channel weights."""
+    from onnxruntime.quantization import QuantType
+
+    path = _ort_quantize(fp32_onnx, digits_small, onnx_dir / "u8s8_wide.onnx", activation_type=QuantType.QUInt8,
+                         weight_type=QuantType.QInt8, per_channel=True)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+    assert any(w.dtype == np.int8 and w.ndim == 4 and np.abs(w.astype(np.int16)).max() > 64 for w in weights)
+    return path
+
+
+def _saturation(result: LintResult) -> list:
+    return [f for f in result.findings if f.rule == "ort-u8s8-saturation"]
+
+
+def test_u8s8_saturation_warns_for_an_x86_device_without_vnni(u8s8_wide_onnx):
+    result = _actionable(lint_file(u8s8_wide_onnx, "onnxruntime", [_cpu_profile("old-xeon", OLD_XEON)]))
+    (finding,) = _saturation(result)
+    assert finding.severity == "warning" and "old-xeon" in finding.message and "without VNNI" in finding.message
+    assert finding.node.startswith("DequantizeLinear") and "[-63, 63]" in finding.fix
+    assert result.passed  # a warning: it runs, with a risk to accuracy
+
+
+def test_no_saturation_warning_for_cpus_with_vnni_or_arm(u8s8_wide_onnx):
+    from rescompress.devices import load_device
+
+    devices = [_cpu_profile("new-xeon", VNNI_XEON), load_device("jetson-orin-nano"), load_device("jetson-agx-orin"),
+               load_device("raspberry-pi-5")]
+    result = lint_file(u8s8_wide_onnx, "onnxruntime", devices)
+    assert _saturation(result) == [], [f.line() for f in result.findings]
+
+
+def test_an_unknown_cpu_is_reported_as_unknown(u8s8_wide_onnx):
+    result = _actionable(lint_file(u8s8_wide_onnx, "onnxruntime"))  # no device: the CPU is not known
+    (finding,) = _saturation(result)
+    assert finding.severity == "info" and "unknown" in finding.message and "--device" in finding.fix
+
+    result = _actionable(lint_file(u8s8_wide_onnx, "onnxruntime", [_cpu_profile("board", None),
+                                                                   _cpu_profile("old-xeon", OLD_XEON)]))
+    by_severity = {f.severity: f for f in _saturation(result)}
+    assert set(by_severity) == {"info", "warning"}
+    assert "board" in by_severity["info"].message and "unknown" in by_severity["info"].message
+    assert "no `cpu` section" in by_severity["info"].message and "old-xeon" in by_severity["warning"].message
+
+
+def test_the_verdict_reads_this_hosts_cpuinfo_only_for_host_cpu(u8s8_wide_onnx, tmp_path, monkeypatch):
+    import rescompress.devices
+    from rescompress.devices import load_device
+
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    vnni, plain = tmp_path / "vnni", tmp_path / "plain"
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n", encoding="utf-8")
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n", encoding="utf-8")
+    devices = [_cpu_profile("old-xeon", OLD_XEON), _cpu_profile("new-xeon", VNNI_XEON),
+               load_device("jetson-orin-nano"), load_device("host-cpu")]
+
+    def verdicts() -> dict:
+        found = _saturation(lint_file(u8s8_wide_onnx, "onnxruntime", devices))
+        return {d.name: next((f.severity for f in found if f"{d.name} " in f.message), None) for d in devices}
+
+    # the profiles' own CPUs decide, whatever this host's flags say; only host-cpu follows them
+    profiles = {"old-xeon": "warning", "new-xeon": None, "jetson-orin-nano": None}
+    monkeypatch.setattr(rescompress.devices, "CPUINFO", vnni)
+    assert verdicts() == {**profiles, "host-cpu": None}
+    monkeypatch.setattr(rescompress.devices, "CPUINFO", plain)
+    assert verdicts() == {**profiles, "host-cpu": "warning"}
+    monkeypatch.setattr(rescompress.devices, "CPUINFO", tmp_path / "missing")  # unreadable: unknown, not assumed
+    assert verdicts() == {**profiles, "host-cpu": "info"}
+
+
+def test_cli_lint_judges_the_named_device(u8s8_wide_onnx):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rescompress.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["lint", str(u8s8_wide_onnx), "--target", "onnxruntime", "--device",
+                              "jetson-orin-nano", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["devices"] == ["jetson-orin-nano"]
+    assert not [f for f in data["findings"] if f["rule"] == "ort-u8s8-saturation"]
+    out = runner.invoke(app, ["lint", str(u8s8_wide_onnx), "--target", "onnxruntime", "--json"])
+    assert [f["severity"] for f in json.loads(out.output)["findings"] if f["rule"] == "ort-u8s8-saturation"] == ["info"]
+    out = runner.invoke(app, ["lint", str(u8s8_wide_onnx), "--target", "onnxruntime", "--device", "galaxy-s24"])
+    assert out.exit_code == 2 and "galaxy-s24 does not run onnxruntime" in out.output
+    out = runner.invoke(app, ["lint", str(u8s8_wide_onnx), "--target", "tensorrt", "--device", "jetson-orin-nano"])
+    assert out.exit_code == 2 and "--device names the CPU" in out.output

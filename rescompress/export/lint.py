@@ -10,7 +10,9 @@ node and the fix. Three targets:
   Needs no GPU.
 - `onnxruntime` (an ONNX file): onnxruntime's own graph optimisation is run and every int8 Conv, Add and
   Gemm must come out as an integer kernel (QLinearConv, QLinearAdd, QGemm, ...); one left in float between
-  Dequantize and Quantize runs slower than fp32.
+  Dequantize and Quantize runs slower than fp32. Whether 8-bit weights can saturate U8S8 kernels depends on
+  the CPU that runs the model: it is judged for the device profiles given (their `cpu` section), and said to
+  be unknown without one.
 - `tflite` (a .tflite file): for an int8 model, every operator computes on integer tensors; only the
   QUANTIZE at the input and the DEQUANTIZE at the output may touch float.
 """
@@ -19,9 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from rescompress.errors import RescompressError
+
+if TYPE_CHECKING:
+    from rescompress.devices import CPUFeatures, DeviceProfile
 
 LINT_TARGETS = ("tensorrt", "onnxruntime", "tflite")
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
@@ -82,7 +87,9 @@ class LintResult:
                 f"{len(self.warnings)} warning(s) ({self.checked})")
 
 
-def lint_file(path: str | Path, target: str) -> LintResult:
+def lint_file(path: str | Path, target: str, devices: Sequence["DeviceProfile"] = ()) -> LintResult:
+    """Lint `path` for `target`; `devices`: the profiles of the devices that will run it in onnxruntime, whose
+    CPUs the onnxruntime rules judge (without any, what depends on the CPU is reported as unknown)."""
     path = Path(path)
     if target not in LINT_TARGETS:
         raise RescompressError(f"unknown lint target '{target}' (known: {', '.join(LINT_TARGETS)})")
@@ -98,7 +105,7 @@ def lint_file(path: str | Path, target: str) -> LintResult:
     model = _load_onnx(path)
     if target == "tensorrt":
         return LintResult("tensorrt", str(path), list(tensorrt_rules(model)), _describe(model))
-    return lint_onnxruntime(path, model)
+    return lint_onnxruntime(path, model, devices)
 
 
 def _load_onnx(path: Path):
@@ -323,8 +330,9 @@ def _add_rules(g: _Graph) -> Iterable[Finding]:
 # ------------------------------------------------------------------------------------------ onnxruntime
 
 
-def lint_onnxruntime(path: Path, model=None) -> LintResult:
-    """Run onnxruntime's graph optimisation and check that every int8 layer became an integer kernel."""
+def lint_onnxruntime(path: Path, model=None, devices: Sequence["DeviceProfile"] = ()) -> LintResult:
+    """Run onnxruntime's graph optimisation and check that every int8 layer became an integer kernel; the
+    layout rules judge the CPUs of `devices`."""
     import tempfile
     from collections import Counter
 
@@ -364,13 +372,14 @@ def lint_onnxruntime(path: Path, model=None) -> LintResult:
                 "onnxruntime fuses Conv/Add/Gemm only when the input, weight and output all carry Q/DQ "
                 "(uint8 activations, int8 weights): use scheme onnxruntime, or quantize_static with "
                 "QuantFormat.QDQ and its defaults"))
-    findings.extend(_ort_layout_rules(model))
+    findings.extend(_ort_layout_rules(model, devices))
     return LintResult("onnxruntime", str(path), findings, checked)
 
 
-def _ort_layout_rules(model) -> Iterable[Finding]:
-    """x86 int8 kernels: uint8 activations (U8S8) are the fast path; without VNNI the u8*s8 pair sums
-    saturate int16, so weights should use 7 bits."""
+def _ort_layout_rules(model, devices: Sequence["DeviceProfile"] = ()) -> Iterable[Finding]:
+    """int8 kernels: uint8 activations (U8S8) are the fast path; on an x86 CPU without VNNI the u8*s8 pair
+    sums saturate int16, so weights should use 7 bits there. Judged per device CPU, never on this host's
+    unless a device's profile says it is this host (`cpu: {isa: host}`)."""
     import numpy as np
 
     g = _Graph(model)
@@ -391,19 +400,53 @@ def _ort_layout_rules(model) -> Iterable[Finding]:
         yield Finding("ort-s8s8", "warning", act_dtypes[np.dtype(np.int8)],
                       "int8 activations: onnxruntime's x86 CPU kernels run S8S8 convolutions more slowly than U8S8",
                       "use uint8 activations (scheme onnxruntime, or quantize_static's default QUInt8)")
-    if np.dtype(np.uint8) in act_dtypes and wide_weights and not _cpu_has_vnni():
-        yield Finding("ort-u8s8-saturation", "warning", wide_weights[0],
-                      f"{len(wide_weights)} conv weight(s) use more than 7 bits and this CPU has no VNNI: "
-                      f"onnxruntime's U8S8 kernels sum pairs in int16 and can saturate",
-                      "quantize weights to [-63, 63] (scheme onnxruntime does), or run on a VNNI CPU")
+    if np.dtype(np.uint8) in act_dtypes and wide_weights:
+        yield from _saturation(wide_weights, devices)
 
 
-def _cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
-    except OSError:
-        return True  # unknown: assume a modern CPU rather than warn
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "asimddp" in flags
+SEVEN_BIT_FIX = "quantize weights to [-63, 63] (scheme onnxruntime does), which no CPU's U8S8 kernels saturate"
+
+
+def u8s8_saturates(cpu: "CPUFeatures") -> Optional[bool]:
+    """Whether onnxruntime's U8S8 kernels on this CPU can saturate 8-bit weights; None when that is unknown.
+
+    On x86-64 without VNNI, MLAS multiplies u8 x s8 pairs and sums each pair in int16 (VPMADDUBSW), which
+    saturates once both weights exceed 7 bits; VNNI (VPDPBUSD) and AMX accumulate in int32. MLAS's arm64
+    kernels accumulate in int32 too: UDOT/SDOT with the dot-product instructions (asimddp); without them, pairs
+    of 8-bit products that fit int16 for weights in [-127, 127], the range every int8 scheme here uses.
+    """
+    from rescompress.devices import INT8_DOT_FEATURES
+
+    if cpu.arch == "arm64":
+        return False
+    if cpu.arch == "x86_64" and cpu.isa is not None:
+        return not any(f in cpu.isa for f in INT8_DOT_FEATURES["x86_64"])
+    return None
+
+
+def _saturation(wide_weights: list[str], devices: Sequence["DeviceProfile"]) -> Iterable[Finding]:
+    count = f"{len(wide_weights)} conv weight(s) use more than 7 bits"
+    if not devices:
+        yield Finding("ort-u8s8-saturation", "info", wide_weights[0],
+                      f"{count}; whether onnxruntime's U8S8 kernels saturate them is unknown: no device profile "
+                      f"names the CPU that will run the model (they do on x86-64 without VNNI)",
+                      f"name the device (rescompress lint FILE --target onnxruntime --device NAME), or "
+                      f"{SEVEN_BIT_FIX}")
+        return
+    for device in devices:
+        cpu = device.cpu_features()
+        verdict = u8s8_saturates(cpu)
+        if verdict is None:
+            yield Finding("ort-u8s8-saturation", "info", wide_weights[0],
+                          f"{count}; whether onnxruntime's U8S8 kernels on {device.name} saturate them is unknown "
+                          f"({cpu.where.removeprefix('unknown: ')}; they do on x86-64 without VNNI)",
+                          f"describe the CPU in the profile of {device.name} (cpu: {{arch: x86_64, isa: [avx2, "
+                          f"avx512_vnni]}}; isa: host for this machine), or {SEVEN_BIT_FIX}")
+        elif verdict:
+            yield Finding("ort-u8s8-saturation", "warning", wide_weights[0],
+                          f"{count} and the CPU of {device.name} is x86-64 without VNNI (from {cpu.where}): "
+                          f"onnxruntime's U8S8 kernels sum u8*s8 pairs in int16 there and can saturate",
+                          f"{SEVEN_BIT_FIX}, or run on a CPU with VNNI")
 
 
 # ------------------------------------------------------------------------------------------------ tflite
