@@ -234,9 +234,9 @@ def test_markdown_tables(report: dict[str, Any]) -> None:
     assert stages[0] == ["baseline", "train", "98.10", "98.30", "272.5K", "40.8M", "1.1 MB", "61.0"]
     assert stages[1][3] == "—"
     artifacts = {row[0]: row for row in _table_rows(text, "## Artifacts")}
-    assert artifacts["onnx-fp32"][7:9] == ["2.1e-06 vs torch-fp32", "100.00"]
+    assert artifacts["onnx-fp32"][8:10] == ["2.1e-06 vs torch-fp32", "100.00"]
     assert artifacts["tensorrt-int8"][4] == "deferred"
-    assert artifacts["onnx-int8"][11] == "onnxruntime: passes; tensorrt: passes (1 warning)"
+    assert artifacts["onnx-int8"][12] == "onnxruntime: passes; tensorrt: passes (1 warning)"
     assert "tensorrt-int8 (deferred): engine build deferred: run `trtexec" in text
     assert "tflite-int8 (failed): litert-torch is not installed" in text
     assert "onnx-int8: [warning] tensorrt trt-add-qdq at /layer2/Add_1: residual Add input is not quantized (fix: quantize both Add inputs)" in text
@@ -249,17 +249,17 @@ def test_markdown_devices_star_recommendation(report: dict[str, Any]) -> None:
     # onnx-int8 is fastest, onnx-fp32 is as accurate as torch-fp32 and faster: those two are the front.
     assert [name for name, row in host.items() if row[0] == "★"] == ["onnx-fp32", "onnx-int8"]
     assert host["onnx-int8"][3] == "97.50"
-    assert host["onnx-int8"][5:11] == ["-0.60", "0.137", "0.151", "0.205", "310.0 kB", "measured"]
-    assert host["onnx-int8"][11] == "batch 1 · 2 threads · 20 warm-up + 200 runs"
-    assert host["tflite-int8"][6:11] == ["—", "—", "—", "—", "—"]
+    assert host["onnx-int8"][5:12] == ["-0.60", "—", "0.137", "0.151", "0.205", "310.0 kB", "measured"]
+    assert host["onnx-int8"][12] == "batch 1 · 2 threads · 20 warm-up + 200 runs"
+    assert host["tflite-int8"][7:12] == ["—", "—", "—", "—", "—"]
     assert "- tflite-int8 (failed): artifact export failed" in text
     assert ("- **Recommendation:** onnx-int8: fastest within 1.0 pt of the baseline "
             "(top-1 97.50 %, p50 0.137 ms measured)") in text
     jetson = {row[1]: row for row in _table_rows(text, "## Device: jetson-orin-nano")}
-    assert jetson["onnx-int8"][10] == "measured-remote" and "power mode 15W" in jetson["onnx-int8"][11]
+    assert jetson["onnx-int8"][11] == "measured-remote" and "power mode 15W" in jetson["onnx-int8"][12]
     assert jetson["onnx-fp32"][0] == "★" and jetson["onnx-int8"][0] == ""
     recs = {row[0]: row for row in _table_rows(text, "## Recommendations")}
-    assert recs["jetson-orin-nano"][1:6] == ["onnx-fp32", "98.10", "+0.00", "0.322", "estimated"]
+    assert recs["jetson-orin-nano"][1:7] == ["onnx-fp32", "98.10", "+0.00", "—", "0.322", "estimated"]
 
 
 def test_markdown_device_provenance_and_estimate_check(report: dict[str, Any]) -> None:
@@ -435,3 +435,22 @@ def test_import_does_not_load_matplotlib() -> None:
     code = "import rescompress.report, sys; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_markdown_shows_a_top1_that_failed_and_an_unchecked_estimate(report: dict[str, Any]) -> None:
+    trt = next(a for a in report["artifacts"] if a["name"] == "tensorrt-int8")
+    trt.update(top1=None, top1_status="failed", top1_message="proxy: onnxruntime: InvalidGraph: bad node")
+    jetson = next(d for d in report["devices"] if d["name"] == "jetson-orin-nano")
+    row = next(r for r in jetson["results"] if r["artifact"] == "tensorrt-int8")
+    row.update(top1_status="failed", top1_message=trt["top1_message"])
+    estimated = next(r for r in jetson["results"] if (r.get("latency") or {}).get("source") == "estimated")
+    estimated["latency"].pop("check_max_abs_error_pct", None)
+    estimated["latency"]["check"] = "unchecked: no published figure of this runtime/precision (tensorrt int8)"
+    validate_report(report)
+    text = render_markdown(report)
+    artifacts = {r[0]: r for r in _table_rows(text, "## Artifacts")}
+    assert artifacts["tensorrt-int8"][5] == "failed" and "InvalidGraph: bad node" in artifacts["tensorrt-int8"][7]
+    assert "tensorrt-int8: no top-1: proxy: onnxruntime: InvalidGraph: bad node" in text
+    device = {r[1]: r for r in _table_rows(text, "## Device: jetson-orin-nano")}
+    assert device["tensorrt-int8"][3] == "failed"
+    assert device[estimated["artifact"]][11] == "estimated (unchecked)"

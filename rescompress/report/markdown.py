@@ -301,8 +301,13 @@ def _latency_label(latency: Mapping[str, Any]) -> str:
     source = fmt_text(latency.get("source"))
     if latency.get("source") == "measured-remote" and latency.get("host"):
         return f"{source} ({latency['host']})"
-    if latency.get("source") == "estimated" and latency.get("group"):
-        return f"{source} ({latency['group']})"
+    if latency.get("source") == "estimated":
+        parts = [latency["group"]] if latency.get("group") else []
+        if latency.get("check_max_abs_error_pct") is not None:
+            parts.append(f"±{latency['check_max_abs_error_pct']:.0f} % out of sample")
+        elif str(latency.get("check", "")).startswith("unchecked"):
+            parts.append("unchecked")
+        return f"{source} ({'; '.join(parts)})" if parts else source
     return source
 
 
@@ -370,6 +375,10 @@ def _device_provenance(provenance: Mapping[str, Any]) -> list[Block]:
     items = [("Latency per runtime", ", ".join(f"{rt}: {how}" for rt, how in (provenance.get("latency") or {}).items()))]
     if provenance.get("connection"):
         items.append(("Connection", provenance["connection"]))
+    if provenance.get("profile"):
+        p = provenance["profile"]
+        items.append(("Profile", f"{p.get('path')} (sha256 {str(p.get('sha256'))[:12]}…"
+                                 f"{', built in' if p.get('builtin') else ', not a built-in profile'})"))
     for key, value in (provenance.get("device") or {}).items():
         items.append((f"Device {key}", fmt_text(value)))
     if provenance.get("power_mode_command") and not (provenance.get("device") or {}).get("power_mode"):

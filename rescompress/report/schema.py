@@ -70,7 +70,9 @@ Top level (all required):
       "measured-remote" | "estimated"); `p50_ms`, `p90_ms`, `p99_ms`, `mean_ms` (number, optional);
       `batch`, `warmup`, `runs`, `threads` (int, optional); other keys are kept, e.g. `power_mode`,
       `runtime_version` and `host` (measured-remote), or `group`, `calibrated_on` and
-      `check_max_abs_error_pct` (estimated: the largest out-of-sample error on the group's published figures)
+      `check_max_abs_error_pct` (estimated: the largest out-of-sample error on the group's published figures
+      of the estimate's own runtime and precision) and `check` (str, estimated: on how many such figures that
+      error was measured, or "unchecked: ..." when the group has none, and then no error is given)
     - `remote_status` (str, optional): the ssh measurement's outcome when one was tried ("ok" |
       "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "timeout" | "failed")
     - `status` (str): "ok" | "deferred" | "failed" | "skipped"; `message` (str, optional)
@@ -82,6 +84,8 @@ Top level (all required):
   - `provenance` (object, optional): `latency` (runtime -> "measured" | "measured-remote" | "estimated" |
     "none"); `device` (object, optional): facts the device reported (python, runtime versions, power mode);
     `connection` (str, optional): why the device could not be reached; `power_mode_command` (str, optional);
+    `profile` (object, optional): the profile file used: `path` (str), `sha256` (str, of its bytes),
+    `builtin` (bool: shipped with rescompress; false for a recipe path or a file in ./devices/);
     `estimates` (object, optional): estimate group -> `parameters` (object) and `figures` (list of
     {device, model, runtime, precision, use: "calibrate" | "holdout", check: "leave-one-out" |
     "holdout", published_ms, estimated_ms, error_pct (out of sample; null when nothing was left to fit on),
