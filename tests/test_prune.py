@@ -11,7 +11,14 @@ from pydantic import ValidationError
 from rich.console import Console
 
 import rescompress.compress.prune  # noqa: F401  (registers the stage)
-from rescompress.compress.prune import PruneConfig, layout_summary, prune_model, spread_epochs
+from rescompress.compress.prune import (
+    PruneConfig,
+    check_target,
+    layout_summary,
+    prune_model,
+    reach_of,
+    spread_epochs,
+)
 from rescompress.data import batches, load_dataset
 from rescompress.errors import PlanError, RecipeError
 from rescompress.models import build_model
@@ -156,6 +163,61 @@ def test_iterative_steps(target):
     assert channel_layout(model) == channel_layout(one_shot)  # the steps end where one step would
 
 
+X32_RGB = torch.zeros(1, 3, 32, 32)
+
+
+def test_check_target_gives_what_a_coarse_round_to_reaches():
+    # every 16-channel layer of ResNet-20 keeps 8 or all 16 channels at round_to 8: 1.5x lands on 1.96x
+    reach = check_target(PruneConfig(macs_reduction=1.5, round_to=8), resnet20(), X32_RGB)
+    assert reach.reduction == pytest.approx(1.96, abs=0.005) and not reach.estimated
+    assert reach.far and reach.miss == pytest.approx(0.31, abs=0.005)
+    assert reach.describe() == "prune target 1.5× MACs → reaches 1.96× (round_to 8; 31% beyond the target)"
+    assert reach.note().startswith("prune target missed: asked 1.5× MACs, reached 1.96× — 31% beyond the target")
+    assert "a smaller round_to lands closer" in reach.note()
+
+
+def test_check_target_is_what_the_stage_reaches():
+    for cfg in (PruneConfig(macs_reduction=1.5, round_to=8), PruneConfig(macs_reduction=2.0, round_to=8),
+                PruneConfig(channel_ratio=0.3, round_to=8), PruneConfig(macs_reduction=1.5, round_to=8, iterative_steps=2)):
+        reach = check_target(cfg, resnet20(), X32_RGB)
+        model = resnet20()
+        info = prune_model(model, X32_RGB, importance="l1", scope="uniform", channel_ratio=cfg.channel_ratio,
+                           macs_reduction=cfg.macs_reduction, round_to=8, iterative_steps=cfg.iterative_steps)
+        assert reach == reach_of(info), cfg  # uniform: the weights do not change where the target lands
+
+
+def test_check_target_close_to_the_target_is_not_a_miss():
+    reach = check_target(PruneConfig(macs_reduction=2.2, round_to=8), resnet20(), X32_RGB)
+    assert 2.2 <= reach.reduction < 2.3 and not reach.far and reach.note() is None
+    assert reach.describe() == f"prune target 2.2× MACs → reaches {reach.reduction:.2f}× (round_to 8)"
+    ratio = check_target(PruneConfig(channel_ratio=0.3, round_to=8), resnet20(), X32_RGB)
+    assert ratio.describe().startswith("prune target channel_ratio 0.3 → reaches 43% of the channels removed, ")
+    glob = check_target(PruneConfig(macs_reduction=2.0, round_to=8, scope="global"), resnet20(), X32_RGB)
+    assert glob.estimated and "reaches about " in glob.describe() and "global scope" in glob.describe()
+
+
+def test_plan_shows_what_the_prune_target_reaches():
+    from rescompress.pipeline import make_plan
+
+    recipe = parse_recipe({"name": "r20", "model": {"name": "resnet20"},
+                           "data": {"name": "digits", "image_size": 32, "channels": 3, "limit_train": 100},
+                           "stages": [{"prune": {"macs_reduction": 1.5, "round_to": 8}}],
+                           "export": [{"onnx": {"precision": "fp32"}}], "devices": ["host-cpu"]}, "r20.yaml")
+    lines = make_plan(recipe).describe().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("01-prune"))
+    assert lines[at + 1].strip() == "prune target 1.5× MACs → reaches 1.96× (round_to 8; 31% beyond the target)"
+
+
+def test_stage_notes_a_target_it_lands_far_from(tmp_path):
+    digits32 = load_dataset("digits", image_size=32, channels=3, limit_train=64, seed=0)
+    model = resnet20()
+    ctx = stage_context(digits32, model, tmp_path)
+    out = STAGES.get("prune").run(model, PruneConfig(macs_reduction=1.5, round_to=8, epochs=0), ctx)
+    assert count_macs(resnet20(), X32_RGB) / count_macs(out, X32_RGB) == pytest.approx(1.96, abs=0.005)
+    assert len(ctx.notes) == 2 and ctx.notes[0].startswith("l2 uniform pruning, round_to 8")
+    assert ctx.notes[1].startswith("prune target missed: asked 1.5× MACs, reached 1.96× — 31% beyond the target")
+
+
 # ----------------------------------------------------------------------------------------------- layout
 
 
@@ -217,7 +279,10 @@ def test_stage_prunes_and_finetunes(distill, digits, tmp_path):
     assert (tmp_path / "pruned-1.pt").is_file() and (tmp_path / "finetune-1.pt").is_file()
     state = torch.load(tmp_path / "finetune-1.pt", weights_only=True)
     assert state["epoch"] == 1
-    assert [n.split(":")[0] for n in ctx.notes] == ["taylor uniform pruning, round_to 8"]
+    assert [n.split(":")[0] for n in ctx.notes] == ["taylor uniform pruning, round_to 8", "prune target missed"]
+    # the 8-channel layers cannot go below round_to: 43 % of the channels go, not half
+    assert "asked channel_ratio 0.5, reached 43% of the channels removed" in ctx.notes[1]
+    assert "14% short of the target" in ctx.notes[1]
     assert "layer3 32→16 ×3" in ctx.notes[0] and ("distillation" in ctx.notes[0]) == distill
 
 

@@ -12,8 +12,11 @@ How many channels each group keeps, for a pruning ratio `r` (always relative to 
 
 then rounded *down* to a multiple of `round_to` (8 or 16 suit TensorRT's tensor cores), never below
 `round_to` (a group narrower than `round_to` is left as it is). A MACs target is met by searching, by
-bisection, the smallest ratio whose pruned model has at most `MACs / macs_reduction` MACs; the result is
-stepwise because of `round_to`, so the achieved reduction is at or just above the target.
+bisection, the smallest ratio whose pruned model has at most `MACs / macs_reduction` MACs. Channel counts
+move in steps of `round_to`, so the reduction reached is at or above the target and can be far above it:
+ResNet-20 at 32² with `macs_reduction` 1.5 and `round_to` 8 reaches 1.96×, because its 16-channel layers
+can only keep 8 or all 16. `check_target` gives, at plan time, the reduction a target will reach, and the
+plan and the stage's notes say so when it lands more than 10 % off the target.
 
 Iterative pruning reaches the target in `iterative_steps` equal steps (linear in the channel ratio, or
 geometric in MACs), re-scoring the channels before each step, with an `on_step` callback after each one
@@ -44,6 +47,7 @@ ImportanceName = Literal["l1", "l2", "taylor", "bn_scale", "lamp"]
 Scope = Literal["global", "uniform"]
 DEFAULT_MACS_REDUCTION = 2.0
 _RATIO_TOLERANCE = 1e-5  # bisection stops when the ratio bracket is this narrow
+TARGET_SLACK = 0.10  # a reached value further than this (relative) from the target is reported as a miss
 
 # importance name -> (torch_pruning.importance class, constructor arguments)
 IMPORTANCES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -195,7 +199,7 @@ class _Step:
         self.scope, self.round_to = scope, round_to
         self.found = _groups(model, example)
         self.scores = _scores(self.found, criterion)
-        self._macs: dict[tuple, int] = {}
+        self._trials: dict[tuple, tuple[int, dict[str, int]]] = {}
 
     def keep(self, ratio: float) -> dict[str, int]:
         return _keep_counts(self.found.channels, self.scores, self.original, ratio=ratio, scope=self.scope,
@@ -204,17 +208,23 @@ class _Step:
     def removes_nothing(self, ratio: float) -> bool:
         return self.keep(ratio) == {r: self.original.get(r, self.found.channels[r]) for r in self.scores}
 
-    def macs(self, ratio: float) -> int:
-        """MACs after pruning at `ratio`, measured on a pruned copy (memoised per set of channel counts)."""
+    def trial(self, ratio: float) -> tuple[int, dict[str, int]]:
+        """(MACs, channel layout) after pruning at `ratio`, measured on a pruned copy on the meta device (shapes
+        without arithmetic: several times faster than computing), memoised per set of channel counts."""
+        from rescompress.models.layout import channel_layout
         from rescompress.profile import count_macs
 
         keep = self.keep(ratio)
         key = tuple(sorted(keep.items()))
-        if key not in self._macs:
-            trial = copy.deepcopy(self.model)
-            _prune_groups(_groups(trial, self.example), keep, self.scores)
-            self._macs[key] = count_macs(trial, self.example)
-        return self._macs[key]
+        if key not in self._trials:
+            trial, example = copy.deepcopy(self.model).to("meta"), self.example.to("meta")
+            _prune_groups(_groups(trial, example), keep, self.scores)
+            self._trials[key] = (count_macs(trial, example), channel_layout(trial))
+        return self._trials[key]
+
+    def macs(self, ratio: float) -> int:
+        """MACs after pruning at `ratio`."""
+        return self.trial(ratio)[0]
 
     def prune(self, ratio: float) -> None:
         _prune_groups(self.found, self.keep(ratio), self.scores)
@@ -347,20 +357,98 @@ def prune_model(
     }
 
 
-def check_target(cfg: PruneConfig, model: "nn.Module", example: "torch.Tensor") -> None:
+@dataclass(frozen=True)
+class TargetReach:
+    """What a prune target reaches: the MACs reduction and the fraction of convolution channels removed."""
+
+    channel_ratio: Optional[float]
+    macs_reduction: Optional[float]
+    round_to: int
+    reduction: float  # MACs before / MACs after
+    channels_removed: float  # fraction of all convolution output channels removed
+    estimated: bool = False  # global scope at plan time: the ranking depends on the weights still to be trained
+
+    @property
+    def miss(self) -> float:
+        """How far the reached value is from the target, relative to the target (0.31 = 31 % more)."""
+        if self.macs_reduction is not None:
+            return self.reduction / self.macs_reduction - 1
+        return self.channels_removed / self.channel_ratio - 1
+
+    @property
+    def far(self) -> bool:
+        return abs(self.miss) > TARGET_SLACK
+
+    def target(self) -> str:
+        return (f"{self.macs_reduction:g}× MACs" if self.macs_reduction is not None
+                else f"channel_ratio {self.channel_ratio:g}")
+
+    def reached(self) -> str:
+        about = "about " if self.estimated else ""
+        if self.macs_reduction is not None:
+            return f"{about}{self.reduction:.2f}×"
+        return f"{about}{self.channels_removed:.0%} of the channels removed, {self.reduction:.2f}× MACs"
+
+    def describe(self) -> str:
+        """For the plan, e.g. "prune target 1.5× MACs → reaches 1.96× (round_to 8; 31 % beyond the target)"."""
+        why = f"round_to {self.round_to}"
+        if self.far:
+            why += f"; {abs(self.miss):.0%} {'beyond' if self.miss > 0 else 'short of'} the target"
+        if self.estimated:
+            why += "; global scope ranks the trained weights, so the run may differ"
+        return f"prune target {self.target()} → reaches {self.reached()} ({why})"
+
+    def note(self) -> Optional[str]:
+        """A line for the stage's notes when the target was missed by more than TARGET_SLACK, else None."""
+        if not self.far:
+            return None
+        return (f"prune target missed: asked {self.target()}, reached {self.reached()} — {abs(self.miss):.0%} "
+                f"{'beyond' if self.miss > 0 else 'short of'} the target, because channel counts are multiples of "
+                f"round_to {self.round_to} and never below it; a smaller round_to lands closer (the speed-up on the "
+                f"device is what counts)")
+
+
+def _channels_removed(before: dict[str, int], after: dict[str, int]) -> float:
+    total = sum(before.values())
+    return 1 - sum(after.get(name, n) for name, n in before.items()) / total if total else 0.0
+
+
+def reach_of(info: dict) -> TargetReach:
+    """The TargetReach of a `prune_model` result."""
+    return TargetReach(channel_ratio=info["channel_ratio"], macs_reduction=info["macs_reduction_target"],
+                       round_to=info["round_to"], reduction=info["reduction"],
+                       channels_removed=_channels_removed(info["channels_before"], info["channels_after"]))
+
+
+def check_target(cfg: PruneConfig, model: "nn.Module", example: "torch.Tensor") -> TargetReach:
     """Plan-time check that `cfg`'s target is reachable on `model` (the architecture as built, before any
-    training): the most a model can lose, every group down to `round_to` channels, does not depend on its
-    weights. Raises the same PlanError the stage would, before hours of baseline training."""
+    training), and what it will reach. Raises the same PlanError the stage would, before hours of baseline
+    training.
+
+    The most a model can lose, every group down to `round_to` channels, does not depend on its weights, and
+    neither does what a `uniform` target reaches (every layer keeps the same share of its channels, however
+    the iterative steps split it): that is exact. A `global` target ranks channels across layers by their
+    trained weights, so what it reaches here, on the untrained ones, is an estimate."""
     from rescompress.models.layout import channel_layout
     from rescompress.profile import count_macs
 
     model = copy.deepcopy(model).eval()
-    step = _Step(model, example, make_importance("l2"), channel_layout(model), scope=cfg.scope, round_to=cfg.round_to)
+    original = channel_layout(model)
+    step = _Step(model, example, make_importance("l2"), original, scope=cfg.scope, round_to=cfg.round_to)
+    macs0 = count_macs(model, example)
     if cfg.macs_reduction is not None:
-        _check_reachable(count_macs(model, example), step.macs(1.0), cfg.macs_reduction, cfg.round_to)
-    elif step.removes_nothing(cfg.channel_ratio) and cfg.scope == "uniform":
-        raise PlanError(f"channel_ratio {cfg.channel_ratio:g} with round_to {cfg.round_to} removes no channel: every "
-                        f"layer would round back to its width; use a larger channel_ratio or a smaller round_to")
+        _check_reachable(macs0, step.macs(1.0), cfg.macs_reduction, cfg.round_to)
+        ratio = _smallest_ratio(step.macs, macs0 / cfg.macs_reduction, 0.0)
+    else:
+        if step.removes_nothing(cfg.channel_ratio) and cfg.scope == "uniform":
+            raise PlanError(f"channel_ratio {cfg.channel_ratio:g} with round_to {cfg.round_to} removes no channel: "
+                            f"every layer would round back to its width; use a larger channel_ratio or a smaller "
+                            f"round_to")
+        ratio = cfg.channel_ratio
+    macs1, layout = step.trial(ratio)
+    return TargetReach(channel_ratio=cfg.channel_ratio, macs_reduction=cfg.macs_reduction, round_to=cfg.round_to,
+                       reduction=macs0 / macs1, channels_removed=_channels_removed(original, layout),
+                       estimated=cfg.scope == "global")
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -517,4 +605,7 @@ def prune(model: "nn.Module", cfg: PruneConfig, ctx: StageContext) -> "nn.Module
         tuned += f" with distillation (T {cfg.temperature:g}, alpha {cfg.alpha:g})"
     ctx.notes.append(describe(info) + tuned)
     ctx.console.print(f"  {ctx.notes[-1]}")
+    if (missed := reach_of(info).note()) is not None:
+        ctx.notes.append(missed)
+        ctx.console.print(f"  [yellow]{missed}[/yellow]")
     return model.eval()
