@@ -5,6 +5,7 @@ import time
 import numpy as np
 
 from rescompress.bench import measure_latency, provenance
+from rescompress.bench.latency import HOST_METHOD, TEST_IMAGES, time_artifact
 from rescompress.pipeline import recommend
 
 
@@ -20,6 +21,26 @@ def test_latency_statistics_are_ordered_and_counted():
     assert len(calls) == 15 and calls[0] == (2, 1, 4, 4)
     assert 1.0 <= stats.min_ms <= stats.p50_ms <= stats.p90_ms <= stats.p99_ms
     assert stats.batch == 2 and stats.runs == 12 and stats.threads == 1 and stats.source == "measured"
+
+
+def test_time_artifact_times_the_artifact_runner_and_releases_it():
+    from rescompress.data import InputSpec
+    from rescompress.export.artifact import Artifact
+
+    loads, calls = [], []
+
+    def load_runner(path, threads):
+        loads.append(threads)
+        return lambda x: calls.append(x.shape) or x
+
+    art = Artifact(name="a", target="onnx", precision="fp32", path=None, runtime="onnxruntime 9.9",
+                   input_spec=InputSpec(1, 4, 4, (0.0,), (1.0,)), load_runner=load_runner)
+    lat = time_artifact(art, np.zeros((3, 1, 4, 4)), input_kind=TEST_IMAGES, warmup=2, runs=5, threads=2)
+    assert loads == [2] and len(calls) == 7 and calls[0] == (3, 1, 4, 4)
+    assert art._runner is None, "the session was kept after timing"
+    assert (lat["runtime"], lat["input"], lat["method"], lat["source"]) == ("onnxruntime 9.9", TEST_IMAGES,
+                                                                            HOST_METHOD, "measured")
+    assert (lat["batch"], lat["warmup"], lat["runs"], lat["threads"]) == (3, 2, 5, 2)
 
 
 def test_provenance_names_versions():

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rescompress.bench.remote import (RUNNER, RemoteOutcome, _remote_word, _ssh_failure, _Target, measure_local,
-                                      measure_remote)
+from rescompress.bench.remote import (RUNNER, InvalidDestination, RemoteOutcome, _remote_word, _ssh_failure, _Target,
+                                      check_destination, measure_remote, ssh_base_argv)
 from tests.remote_device import free_port, keygen, known_hosts_line, onnx_model, python_without, sshd  # noqa: F401
 
 FAST = {"warmup": 2, "runs": 20}
@@ -53,6 +53,7 @@ def test_end_to_end_measures_on_the_device_and_cleans_up(sshd, onnx_model, workd
     assert lat["mean_ms"] > 0
     assert (lat["batch"], lat["warmup"], lat["runs"], lat["threads"]) == (2, 2, 20, 1)
     assert lat["source"] == "measured-remote" and lat["power_mode"] == "MODE_15W"
+    assert lat["input"] == "random: seeded standard normal (seed 0)" and "remote_runner.py" in lat["method"]
     assert lat["runtime_version"] == onnxruntime.__version__
     assert lat["host"] == f"{getpass.getuser()}@127.0.0.1:{sshd.port}"
     assert out.device_facts["python"] == platform.python_version()
@@ -64,6 +65,65 @@ def test_host_override_replaces_host_and_user(sshd, onnx_model, workdir):
     conn = sshd.connection(workdir, host="no-such-host.invalid", user="nobody")
     out = measure_remote(onnx_model, "onnxruntime", conn, host=f"{getpass.getuser()}@127.0.0.1", **FAST)
     assert out.status == "ok", out.message
+
+
+BAD_DESTINATIONS = [
+    ("-oProxyCommand=touch {marker}", "127.0.0.1", "user"),  # ssh would read the user as an option
+    ("me", "-oProxyCommand=touch {marker}", "host"),
+    ("me x", "127.0.0.1", "user"),
+    ("me", "127.0.0.1 -oProxyCommand=touch", "host"),
+    ("me\n", "127.0.0.1", "user"),
+    ("me", "127.0.0.1\x00", "host"),
+    ("", "127.0.0.1", "user"),
+    ("me", "", "host"),
+    ("me;touch {marker}", "127.0.0.1", "user"),
+]
+
+
+@pytest.mark.parametrize("user, host, part", BAD_DESTINATIONS)
+def test_a_user_or_host_that_is_not_one_is_refused(user, host, part, tmp_path):
+    marker = tmp_path / "marker"
+    with pytest.raises(InvalidDestination, match=f"invalid ssh {part} "):
+        check_destination(user.format(marker=marker), host.format(marker=marker))
+    check_destination("jetson_1.me+x@corp", "fe80::1%eth0")
+    check_destination(None, "orin-nano.local")
+
+
+def test_an_option_in_the_host_override_is_refused_before_ssh_runs(sshd, onnx_model, workdir, tmp_path):
+    """`--host '-oProxyCommand=touch FILE@addr'`: the user part would be an ssh option running a command."""
+    marker = tmp_path / "pwned"
+    with pytest.raises(InvalidDestination, match=r"invalid ssh user '-oProxyCommand=touch .*' in --host"):
+        measure_remote(onnx_model, "onnxruntime", sshd.connection(workdir), host=f"-oProxyCommand=touch {marker}@h",
+                       **FAST)
+    with pytest.raises(InvalidDestination, match="invalid ssh user '' in --host"):
+        measure_remote(onnx_model, "onnxruntime", sshd.connection(workdir), host="@127.0.0.1", **FAST)
+    assert not list(tmp_path.glob("pwned*")), "the ProxyCommand ran"
+    assert list(workdir.iterdir()) == []
+
+
+def test_an_option_in_the_profile_user_is_refused_before_ssh_runs(sshd, onnx_model, workdir, tmp_path):
+    marker = tmp_path / "pwned"
+    # model_copy skips the profile's own checks: this is the check where the destination is built
+    conn = sshd.connection(workdir).model_copy(update={"user": f"-oProxyCommand=touch {marker}"})
+    with pytest.raises(InvalidDestination, match="invalid ssh user '-oProxyCommand=.*' in connection.ssh.user"):
+        measure_remote(onnx_model, "onnxruntime", conn, **FAST)
+    conn = sshd.connection(workdir).model_copy(update={"host": f"-oProxyCommand=touch {marker}"})
+    with pytest.raises(InvalidDestination, match="invalid ssh host '-oProxyCommand=.*' in connection.ssh.host"):
+        measure_remote(onnx_model, "onnxruntime", conn, **FAST)
+    assert not list(tmp_path.glob("pwned*")), "the ProxyCommand ran"
+
+
+def test_ssh_options_end_before_the_destination(sshd):
+    target = _Target(addr="jetson.local", user="me", port=2222, key="/k", known_hosts="/kh", global_known_hosts=False,
+                     connect_timeout_s=10)
+    argv = ssh_base_argv(target)
+    assert argv[-4:] == ["-p", "2222", "--", "me@jetson.local"]
+    # and the real ssh still takes the command after `--` and the destination
+    proc = subprocess.run(ssh_base_argv(_Target(addr="127.0.0.1", user=getpass.getuser(), port=sshd.port,
+                                                key=str(sshd.client_key), known_hosts=str(sshd.known_hosts),
+                                                global_known_hosts=False, connect_timeout_s=5))
+                          + ["echo", "reached"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.strip() == "reached", proc.stderr
 
 
 def test_a_different_host_key_is_refused_before_anything_is_copied(sshd, onnx_model, workdir, tmp_path):
@@ -170,20 +230,58 @@ def test_trtexec_gpu_compute_time_is_parsed():
         runner.parse_trtexec("[E] Error[4]: cannot parse model\n&&&& FAILED TensorRT.trtexec")
 
 
-def test_runner_drives_trtexec_and_reads_its_summary(onnx_model, tmp_path):
-    """A stand-in trtexec that records its argv and prints a real summary: the runner's command and parse."""
-    fake = tmp_path / "trtexec"
-    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {shlex.quote(str(tmp_path / 'argv'))}\n"
-                    f"cat <<'EOF'\n{TRTEXEC_LOG}EOF\n")
+def recording_trtexec(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in trtexec (the real one needs an NVIDIA GPU) that appends its argv and working directory to a
+    log as one JSON line per call, writes the --saveEngine file it is asked for, and prints a real summary."""
+    log = tmp_path / "trtexec-calls.jsonl"
+    fake = tmp_path / "bin" / "trtexec"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+with open({str(log)!r}, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv, "cwd": os.getcwd()}}) + "\\n")
+for a in sys.argv[1:]:
+    if a.startswith("--saveEngine="):
+        open(a.split("=", 1)[1], "wb").close()
+sys.stdout.write({TRTEXEC_LOG!r})
+""")
     fake.chmod(0o755)
-    proc = run_runner("--artifact", str(onnx_model), "--runtime", "tensorrt", "--precision", "int8", "--batch", "4",
-                      "--runs", "50", "--trtexec", str(fake))
+    return fake, log
+
+
+def calls_of(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_runner_runs_the_given_trtexec_commands_in_the_artifact_folder(onnx_model, tmp_path):
+    fake, log = recording_trtexec(tmp_path)
+    build = [str(fake), "--onnx=tiny.onnx", "--saveEngine=tiny.engine", "--stronglyTyped"]
+    timing = [str(fake), "--loadEngine=tiny.engine", "--shapes=input:4x3x16x16", "--warmUp=200", "--iterations=50",
+              "--duration=0"]
+    proc = run_runner("--artifact", str(onnx_model), "--runtime", "tensorrt", "--batch", "4", "--runs", "50",
+                      "--trtexec-build", json.dumps(build), "--trtexec-time", json.dumps(timing))
     result = json.loads(proc.stdout.splitlines()[-1])
     assert proc.returncode == 0 and result["status"] == "ok", proc.stderr
     assert result["p50_ms"] == 0.779297 and result["runtime_version"] == "10.3.0"
-    argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv == [f"--onnx={onnx_model}", "--stronglyTyped", "--shapes=input:4x3x16x16", "--warmUp=200",
-                    "--iterations=50", "--duration=0"]
+    assert [c["argv"] for c in calls_of(log)] == [build, timing]
+    assert {c["cwd"] for c in calls_of(log)} == {str(onnx_model.parent)}
+    assert "engine built on the device with: " + shlex.join(build) in result["note"]
+    assert "--warmUp=200 ms" in result["note"] and result["method"] == "trtexec GPU compute time"
+    (onnx_model.parent / "tiny.engine").unlink()
+
+
+def test_runner_fails_when_the_build_writes_no_engine(onnx_model, tmp_path):
+    fake, log = recording_trtexec(tmp_path)
+    build = ["true", "--onnx=tiny.onnx", "--saveEngine=none.engine"]  # exits 0, writes nothing
+    proc = run_runner("--artifact", str(onnx_model), "--runtime", "tensorrt", "--trtexec-build", json.dumps(build),
+                      "--trtexec-time", json.dumps([str(fake), "--loadEngine=none.engine"]))
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert proc.returncode == 4 and result == {"status": "failed",
+                                               "message": "the engine build wrote no none.engine (trtexec exited 0)"}
+    assert calls_of(log) == [], "an engine that was not built was timed"
+    missing = run_runner("--artifact", str(onnx_model), "--runtime", "tensorrt",
+                         "--trtexec-time", json.dumps(["/no/such/trtexec", "--loadEngine=x.engine"]))
+    assert missing.returncode == 3 and "trtexec ('/no/such/trtexec') is not found" in missing.stdout
 
 
 def run_runner(*args: str, python: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -227,11 +325,3 @@ def test_power_mode_command_failures_are_explained():
     failing = "/bin/sh -c 'echo denied >&2; exit 2'"
     assert runner.power_mode(failing) == f"unknown: '{failing}' exited 2: denied"
     assert runner.power_mode(None) is None
-
-
-def test_measure_local_uses_the_same_runner(onnx_model):
-    out = measure_local(onnx_model, "onnxruntime", batch=1, threads=1, **FAST)
-    assert out.status == "ok", out.message
-    assert out.latency["source"] == "measured" and "host" not in out.latency
-    with pytest.raises(ValueError, match="runtime must be one of"):
-        measure_local(onnx_model, "openvino")

@@ -5,14 +5,17 @@ both exist."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 from pydantic import ValidationError
 
-from rescompress.devices import load_device
+from rescompress.devices import DeviceProfile, load_device
 from rescompress.export.lint import lint_file
 from rescompress.export.tensorrt import TensorRTConfig, build_commands, export_tensorrt, tensorrt_available
+from tests.remote_device import sshd  # noqa: F401 (fixture)
 from tests.test_lint import example_input, int8_model
+from tests.test_remote import calls_of, recording_trtexec
 
 JETSONS = ("jetson-orin-nano", "jetson-agx-orin")
 TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
@@ -108,6 +111,65 @@ def test_target_is_registered_and_generic_command_quotes_names():
     assert commands == {"any": "trtexec --onnx='my model.onnx' --saveEngine='my model.engine' "
                                "--minShapes=input:1x3x32x32 --optShapes=input:1x3x32x32 "
                                "--maxShapes=input:32x3x32x32 --stronglyTyped --memPoolSize=workspace:1024M"}
+
+
+def _board(sshd, tmp_path, trtexec) -> DeviceProfile:
+    """A TensorRT device reached over the test sshd, whose trtexec is `trtexec`."""
+    conn = sshd.connection(tmp_path / "device")
+    (tmp_path / "device").mkdir()
+    return DeviceProfile.model_validate({"name": "board", "runtimes": ["tensorrt"], "trtexec": str(trtexec),
+                                         "connection": {"ssh": conn.model_dump()}})
+
+
+def test_the_engine_timed_over_ssh_is_the_engine_the_report_says_to_build(trained_tiny, digits_small, sshd, tmp_path):
+    """A deferred export prints a trtexec build command for the device; measuring it there runs exactly that
+    command (same argv, in the folder holding the ONNX), then times the engine it wrote."""
+    from rescompress.bench.device_latency import DeviceLatency
+
+    fake, log = recording_trtexec(tmp_path)
+    board = _board(sshd, tmp_path, fake)
+    cfg = TensorRTConfig(precision="fp16", build="defer", max_batch=4, workspace_mib=256)
+    art = _export(trained_tiny, digits_small, cfg, tmp_path, [board])
+    printed = art.details["build_commands"]["board"]
+    assert printed in art.message
+
+    source = DeviceLatency(board, batch=2, warmup=1, runs=5, threads=None, layers=lambda: [],
+                           measure_here=lambda a: pytest.fail("a remote device is not timed here"))
+    taken = source.take(art)
+    assert taken.remote_status == "ok", taken.message
+    calls = calls_of(log)
+    assert calls and calls[0]["argv"] == shlex.split(printed), "the device built another engine than the one printed"
+    build, timing = calls
+    assert timing["argv"] == [str(fake), "--loadEngine=tensorrt-fp16.engine", "--shapes=input:2x1x8x8",
+                              "--warmUp=200", "--iterations=5", "--duration=0"]
+    assert build["cwd"] == timing["cwd"] and build["cwd"].startswith(str(tmp_path / "device"))
+    lat = taken.latency
+    assert lat["source"] == "measured-remote" and lat["p50_ms"] == 0.779297 and lat["batch"] == 2
+    assert f"engine built on the device with: {shlex.join(build['argv'])}" in lat["note"]
+    assert list((tmp_path / "device").iterdir()) == [], "the engine was left on the device"
+
+
+def test_remote_commands_come_from_the_export_builder(trained_tiny, digits_small, tmp_path):
+    """The remote path's build argv for an exported ONNX is the printed command, also for int8 defaults."""
+    from rescompress.bench.remote import measure_remote, trtexec_commands
+    from rescompress.devices import SSHConnection
+
+    cfg = TensorRTConfig(precision="fp16", build="defer", max_batch=8)
+    board = DeviceProfile.model_validate({"name": "board", "runtimes": ["tensorrt"], "trtexec": "/opt/trt/trtexec"})
+    art = _export(trained_tiny, digits_small, cfg, tmp_path, [board])
+    build, timing = trtexec_commands(art.path, engine=TensorRTConfig(**art.details["build_config"]), batch=8,
+                                     warmup=0, runs=7, trtexec=board.trtexec)
+    assert build == shlex.split(art.details["build_commands"]["board"])
+    assert timing == ["/opt/trt/trtexec", "--loadEngine=tensorrt-fp16.engine", "--shapes=input:8x1x8x8",
+                      "--warmUp=0", "--iterations=7", "--duration=0"]
+    # a file given alone: fp32 ONNX -> fp16 engine, the profile reaching the batch asked for
+    build, _ = trtexec_commands(art.path, batch=64)
+    assert build == shlex.split(build_commands(TensorRTConfig(precision="fp16", max_batch=64), art.path.name,
+                                               "tensorrt-fp16.engine", (1, 8, 8))["any"])
+    # a batch the engine's profile does not reach is refused before connecting
+    out = measure_remote(art.path, "tensorrt", SSHConnection(host="unused.invalid"),
+                         engine=TensorRTConfig(**art.details["build_config"]), batch=9)
+    assert out.status == "failed" and "batch 9 is larger than the engine's profile allows (max_batch 8)" in out.message
 
 
 @pytest.mark.tensorrt

@@ -5,7 +5,13 @@ Standalone on purpose: rescompress copies this file to a device (over ssh) and r
 imports only the standard library, numpy and the runtime it measures. It never imports rescompress.
 
     python3 remote_runner.py --artifact model.onnx --runtime onnxruntime --batch 1 --warmup 20 --runs 200 \
-        [--threads N] [--power-mode-command 'nvpmodel -q'] [--trtexec PATH] [--precision fp32|fp16|int8]
+        [--threads N] [--power-mode-command 'nvpmodel -q']
+    python3 remote_runner.py --artifact model.onnx --runtime tensorrt ... \
+        --trtexec-build '["trtexec", "--onnx=model.onnx", ...]' --trtexec-time '["trtexec", "--loadEngine=...", ...]'
+
+onnxruntime and LiteRT are fed seeded random data of the model's input shape. On TensorRT the runner runs
+the trtexec commands it is given (rescompress builds them, the same way it writes a deferred export's build
+command) in the folder holding the artifact: the build, when given, then the timing.
 
 The last line on stdout is one JSON object. Exit status: 0 with {"status": "ok", ...}; 3 with
 {"status": "runtime-missing", "message": ...} when the runtime (or numpy) is not installed; 4 with
@@ -31,6 +37,8 @@ RUNTIMES = ("onnxruntime", "tflite", "tensorrt")
 EXIT_OK, EXIT_MISSING, EXIT_FAILED = 0, 3, 4
 POWER_MODE_TIMEOUT_S = 10
 SEED = 0
+RANDOM_INPUT = f"random: seeded standard normal (seed {SEED})"
+RUNNER_METHOD = "tools/remote_runner.py on the device: warm-up calls, then one timed call per run"
 
 
 class RuntimeMissing(Exception):
@@ -163,7 +171,7 @@ def run_onnxruntime(args: argparse.Namespace, threads: int) -> dict:
             raise RunFailed(f"input '{inp.name}' has type {inp.type}, which the runner cannot feed")
         feeds[inp.name] = random_input(onnx_input_shape(inp.name, list(inp.shape), args.batch), dtype)
     stats = time_calls(lambda: sess.run(None, feeds), args.warmup, args.runs)
-    return {**stats, "runtime_version": ort.__version__}
+    return {**stats, "runtime_version": ort.__version__, "input": RANDOM_INPUT, "method": RUNNER_METHOD}
 
 
 # ---------------------------------------------------------------------------------------------- tflite
@@ -231,7 +239,8 @@ def run_tflite(args: argparse.Namespace, threads: int) -> dict:
         for index in outputs:
             it.get_tensor(index)
 
-    return {**time_calls(call, args.warmup, args.runs), "runtime_version": version}
+    return {**time_calls(call, args.warmup, args.runs), "runtime_version": version, "input": RANDOM_INPUT,
+            "method": RUNNER_METHOD}
 
 
 # -------------------------------------------------------------------------------------------- tensorrt
@@ -270,55 +279,50 @@ def trtexec_version(text: str) -> Optional[str]:
     return f"{major}.{rest // 100}.{rest % 100}"
 
 
-def onnx_shapes_flag(path: str, batch: int) -> Optional[str]:
-    """`--shapes=name:BxCxHxW` for an ONNX input with symbolic dims, when the onnx package is here."""
-    try:
-        import onnx
-    except ImportError:
+def trtexec_argv(text: Optional[str], flag: str) -> Optional[list[str]]:
+    """A trtexec command given as a JSON list of strings, or None."""
+    if text is None:
         return None
-    graph = onnx.load(path, load_external_data=False).graph
-    initializers = {init.name for init in graph.initializer}
-    specs = []
-    for inp in graph.input:
-        if inp.name in initializers:
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
-            continue
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
-        specs.append(f"{inp.name}:" + "x".join(str(d) for d in onnx_input_shape(inp.name, shape, batch)))
-    return "--shapes=" + ",".join(specs) if specs else None
+    try:
+        argv = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunFailed(f"{flag} is not JSON ({exc})") from None
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        raise RunFailed(f"{flag} must be a non-empty JSON list of strings")
+    return argv
 
 
-def trtexec_command(args: argparse.Namespace, trtexec: str) -> list[str]:
-    """The trtexec argv: build from ONNX (or load an engine), time exactly --runs iterations."""
-    is_engine = args.artifact.endswith((".engine", ".plan"))
-    cmd = [trtexec, f"--loadEngine={args.artifact}" if is_engine else f"--onnx={args.artifact}"]
-    if not is_engine:
-        if args.precision == "int8":
-            cmd.append("--stronglyTyped")
-        elif args.precision == "fp16":
-            cmd.append("--fp16")
-        shapes = onnx_shapes_flag(args.artifact, args.batch)
-        if shapes:
-            cmd.append(shapes)
-    warmup_ms = TRT_WARMUP_MS if args.warmup > 0 else 0
-    cmd += [f"--warmUp={warmup_ms}", f"--iterations={args.runs}", "--duration=0"]
-    return cmd
+def run_trtexec(argv: list[str], cwd: str, what: str) -> str:
+    """Run one trtexec command in `cwd`; its stdout and stderr together."""
+    trtexec = shutil.which(argv[0])
+    if trtexec is None:
+        raise RuntimeMissing(f"trtexec ('{argv[0]}') is not found on this device; install TensorRT "
+                             "(JetPack: /usr/src/tensorrt/bin/trtexec) and set trtexec in the device profile")
+    done = subprocess.run([trtexec, *argv[1:]], capture_output=True, text=True, cwd=cwd)
+    if done.returncode != 0:
+        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
+        raise RunFailed(f"{what} failed: trtexec exited {done.returncode}: {tail}")
+    return done.stdout + "\n" + done.stderr
 
 
 def run_tensorrt(args: argparse.Namespace, threads: int) -> dict:
-    """Latency from trtexec's GPU compute time (build from ONNX, or load a serialized engine)."""
-    trtexec = shutil.which(args.trtexec)
-    if trtexec is None:
-        raise RuntimeMissing(f"trtexec ('{args.trtexec}') is not found on this device; install TensorRT "
-                             "(JetPack: /usr/src/tensorrt/bin/trtexec) and set trtexec in the device profile")
-    done = subprocess.run(trtexec_command(args, trtexec), capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
-        raise RunFailed(f"trtexec exited {done.returncode}: {tail}")
-    return {**parse_trtexec(done.stdout + "\n" + done.stderr),
-            "note": f"trtexec warms up by time (--warmUp={TRT_WARMUP_MS if args.warmup else 0} ms), not by count"}
+    """Build the engine with the given command (for an ONNX), then time it; latency from trtexec's GPU
+    compute time. Both commands run in the folder holding the artifact."""
+    build = trtexec_argv(args.trtexec_build, "--trtexec-build")
+    timing = trtexec_argv(args.trtexec_time, "--trtexec-time")
+    cwd = os.path.dirname(os.path.abspath(args.artifact))
+    notes = []
+    if build is not None:
+        run_trtexec(build, cwd, "the engine build")
+        saved = [a.split("=", 1)[1] for a in build if a.startswith("--saveEngine=")]
+        if saved and not os.path.isfile(os.path.join(cwd, saved[-1])):
+            raise RunFailed(f"the engine build wrote no {saved[-1]} (trtexec exited 0)")
+        notes.append(f"engine built on the device with: {shlex.join(build)}")
+    warmup = next((a for a in timing if a.startswith("--warmUp=")), None)
+    if warmup:
+        notes.append(f"trtexec warms up by time ({warmup} ms), not by count")
+    return {**parse_trtexec(run_trtexec(timing, cwd, "timing the engine")), "method": "trtexec GPU compute time",
+            "input": "random: trtexec's own input data", "note": "; ".join(notes)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -336,9 +340,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--threads", type=int, default=None, help="default: the CPUs this process may use")
     p.add_argument("--power-mode-command", default=None, help="prints the power mode, e.g. 'nvpmodel -q'")
-    p.add_argument("--trtexec", default="trtexec")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--trtexec-build", default=None, help="tensorrt: the engine build command, a JSON list")
+    p.add_argument("--trtexec-time", default=None, help="tensorrt: the timing command, a JSON list")
     args = p.parse_args(argv)
+    if args.runtime == "tensorrt" and args.trtexec_time is None:
+        p.error("--runtime tensorrt needs --trtexec-time")
     for name in ("batch", "runs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")

@@ -1,6 +1,7 @@
 """Latency of an artifact on one device, from the source the device's profile gives.
 
-- `measured`: on this host, in the artifact's own runtime;
+- `measured`: on this host, in the artifact's own runtime (`bench.latency.time_artifact`, for `rescompress run`
+  and `rescompress bench` alike);
 - `measured-remote`: on the device, over ssh, by `tools/remote_runner.py` (see `bench.remote`);
 - `estimated`: a layer-wise roofline calibrated on published figures (see `bench.estimate`).
 
@@ -75,8 +76,16 @@ class DeviceLatency:
         if art.path is None or not art.path.exists():
             return LatencyResult(None, "no file to measure")
         if self.connection_failure is None:
-            out = measure_remote(art.path, runtime, self.device.ssh, precision=art.precision, batch=self.batch,
-                                 warmup=self.warmup, runs=self.runs, threads=self.threads,
+            engine, chw = None, None
+            if runtime == "tensorrt":
+                from rescompress.export.tensorrt import TensorRTConfig
+
+                build = art.details.get("build_config")  # what the export's build command was made from
+                engine = TensorRTConfig(**build) if build else None
+                spec = art.input_spec
+                chw = (spec.channels, spec.height, spec.width) if spec is not None else None
+            out = measure_remote(art.path, runtime, self.device.ssh, engine=engine, batch=self.batch,
+                                 warmup=self.warmup, runs=self.runs, threads=self.threads, chw=chw,
                                  power_mode_command=self.device.power_mode_command, trtexec=self.device.trtexec)
             if out.status == "ok":
                 self.facts.update(out.device_facts or {})
@@ -153,9 +162,12 @@ def onnx_precision(path: Path) -> str:
 
 
 def bench_file(path: Path, device_name: str, *, host: Optional[str] = None, runtime: Optional[str] = None,
-               batch: int = 1, warmup: int = 20, runs: int = 200, threads: Optional[int] = None) -> dict:
-    """`rescompress bench`: one file's latency on a device, here or over ssh. Bad input raises a
-    RescompressError; a measurement that fails returns its status and message."""
+               batch: int = 1, warmup: int = 20, runs: int = 200, threads: Optional[int] = None,
+               images: Optional[Path] = None) -> dict:
+    """`rescompress bench`: one file's latency on a device, here or over ssh. Here it is timed by
+    `time_artifact`, as `rescompress run` times it, on `images` (a .npy batch as the model takes it) or else
+    on seeded random input, named in the result. Bad input raises a RescompressError; a measurement that
+    fails returns its status and message."""
     from rescompress.devices import SSHConnection, load_device
     from rescompress.errors import RescompressError
 
@@ -174,24 +186,137 @@ def bench_file(path: Path, device_name: str, *, host: Optional[str] = None, runt
     if runtime not in device.runtimes:
         raise RescompressError(f"{device.name} does not run {runtime} (its runtimes: {', '.join(device.runtimes)})")
     precision = onnx_precision(path) if path.suffix.lower() == ".onnx" else "as built"
+    engine = None
+    if runtime == "tensorrt" and path.suffix.lower() == ".onnx":
+        from rescompress.export.tensorrt import engine_config
+
+        engine = engine_config(precision, batch)
+        precision = engine.precision
     threads = threads or device.threads
     plan = "measured-remote" if host else device.latency_plan(runtime)
     out = {"artifact": str(path), "device": device.name, "runtime": runtime, "precision": precision}
     if plan == "measured":
-        from rescompress.bench.remote import measure_local
-
-        outcome = measure_local(path, runtime, precision=precision, batch=batch, warmup=warmup, runs=runs,
-                                threads=threads, trtexec=device.trtexec)
-    elif plan == "measured-remote":
-        from rescompress.bench.remote import measure_remote
-
-        ssh = device.ssh or SSHConnection(host=host or "")
-        outcome = measure_remote(path, runtime, ssh, precision=precision, batch=batch, warmup=warmup, runs=runs,
-                                 threads=threads, power_mode_command=device.power_mode_command,
-                                 trtexec=device.trtexec, host=host)
-    else:
+        return {**out, **_bench_here(path, runtime, engine, images, batch=batch, warmup=warmup, runs=runs,
+                                     threads=threads)}
+    if plan != "measured-remote":
         raise RescompressError(f"{device.name} has no connection to measure on: give --host user@addr, or add "
                                f"connection.ssh to its profile (latency estimates need the model's layers: "
                                f"`rescompress run` makes them)")
+    if images is not None:
+        raise RescompressError(f"--input feeds images on this host only; on {device.name} the device runner "
+                               "times seeded random input (leave out --input)")
+    from rescompress.bench.remote import measure_remote
+
+    ssh = device.ssh or SSHConnection(host=host or "")
+    outcome = measure_remote(path, runtime, ssh, engine=engine, batch=batch, warmup=warmup, runs=runs,
+                             threads=threads, power_mode_command=device.power_mode_command,
+                             trtexec=device.trtexec, host=host)
     return {**out, "status": outcome.status, "message": outcome.message, "latency": outcome.latency,
             "device_facts": outcome.device_facts}
+
+
+def _bench_here(path: Path, runtime: str, engine: Any, images: Optional[Path], *, batch: int, warmup: int,
+                runs: int, threads: Optional[int]) -> dict:
+    """status, message, latency and device_facts of one file timed here by `time_artifact`."""
+    import platform
+    import tempfile
+
+    from rescompress.bench.latency import RANDOM_INPUT, random_input, time_artifact
+    from rescompress.errors import RescompressError
+
+    with tempfile.TemporaryDirectory(prefix="rescompress-bench-") as work:  # an engine built from an ONNX
+        try:
+            art, chw = file_artifact(path, runtime, engine, Path(work))
+            if images is not None:
+                x, kind = latency_input(load_images(images, chw), batch), f"images from {Path(images).name}"
+            else:
+                x, kind = random_input((batch, *chw)), RANDOM_INPUT
+            latency = time_artifact(art, x, input_kind=kind, warmup=warmup, runs=runs, threads=threads)
+        except RescompressError:
+            raise
+        except Exception as exc:  # the runtime rejected the file or the input: a status, as over ssh
+            return {"status": "failed", "message": f"on this host: {type(exc).__name__}: {exc}", "latency": None,
+                    "device_facts": {}}
+    facts = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),
+             "machine": platform.machine(), "runtime": runtime, "runtime_version": art.runtime}
+    return {"status": "ok", "message": "", "latency": latency, "device_facts": facts}
+
+
+def file_artifact(path: Path, runtime: str, engine: Any = None,
+                  work_dir: Optional[Path] = None) -> tuple[Any, tuple[int, ...]]:
+    """A model file as an Artifact run by `runtime` with the loader its export uses, and the shape of one
+    image as that artifact takes it (NCHW). An ONNX for TensorRT is first built into an engine in
+    `work_dir` with `engine` (a TensorRTConfig), as the export builds it."""
+    from rescompress.data import InputSpec
+    from rescompress.errors import RescompressError
+    from rescompress.export.artifact import Artifact
+
+    path = Path(path)
+
+    def artifact(target: str, runtime_name: str, load_runner: Callable, file: Path, chw: tuple[int, ...]):
+        spec = InputSpec(channels=chw[0], height=chw[1], width=chw[2], mean=(0.0,) * chw[0], std=(1.0,) * chw[0])
+        return Artifact(name=path.stem, target=target, precision="as built", path=file, input_spec=spec,
+                        runtime=runtime_name, load_runner=load_runner), chw
+
+    if runtime == "onnxruntime":
+        from rescompress.export.onnx import ort_runner, ort_version
+        from rescompress.export.tensorrt import onnx_input
+
+        return artifact("onnx", f"onnxruntime {ort_version()}", ort_runner, path, _image_shape(onnx_input, path))
+    if runtime == "tflite":
+        from functools import partial
+
+        from rescompress.export.tflite import litert_interpreter, litert_version, tflite_runner
+
+        shape = tuple(int(d) for d in litert_interpreter(path).get_input_details()[0]["shape"][1:])
+        if len(shape) != 3:
+            raise RescompressError(f"{path.name}: input of shape {shape} per image; an image model takes 3 dims")
+        nhwc = shape[2] <= 4 < min(shape[0], shape[1])  # channels last, as the tflite target exports by default
+        chw = (shape[2], shape[0], shape[1]) if nhwc else shape
+        return artifact("tflite", f"litert {litert_version()} (XNNPACK)", partial(tflite_runner, nhwc=nhwc), path,
+                        chw)
+    from rescompress.export.tensorrt import (build_engine, engine_input, engine_runner, onnx_input,
+                                             tensorrt_available)
+
+    available, why = tensorrt_available()
+    if not available:
+        raise RescompressError(f"cannot time on TensorRT here: {why}; time it on the device with --host")
+    if path.suffix.lower() == ".onnx":
+        if work_dir is None:
+            raise ValueError("building an engine from an ONNX needs a work_dir")
+        chw = _image_shape(onnx_input, path)
+        engine_path = Path(work_dir) / path.with_suffix(".engine").name
+        version, gpu = build_engine(path, engine_path, engine)
+        return artifact("tensorrt", f"tensorrt {version} on {gpu}", engine_runner, engine_path, chw)
+    import tensorrt
+
+    chw = _image_shape(engine_input, path)
+    return artifact("tensorrt", f"tensorrt {tensorrt.__version__}", engine_runner, path, chw)
+
+
+def _image_shape(read: Callable[[Path], tuple[str, tuple[int, ...]]], path: Path) -> tuple[int, ...]:
+    """One image's CHW shape from `read(path)` (an input reader), a RescompressError when it has none."""
+    from rescompress.errors import RescompressError
+
+    try:
+        _, chw = read(path)
+    except ValueError as exc:
+        raise RescompressError(str(exc)) from None
+    if len(chw) != 3:
+        raise RescompressError(f"{path.name}: input of shape {chw} per image; an image model takes (C, H, W)")
+    return chw
+
+
+def load_images(path: Path, chw: tuple[int, ...]) -> np.ndarray:
+    """A .npy batch of preprocessed images (N, C, H, W), checked against the model's image shape."""
+    from rescompress.errors import RescompressError
+
+    path = Path(path)
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RescompressError(f"--input {path}: not a readable .npy array ({exc})") from None
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(chw) or len(x) == 0 or x.dtype.kind not in "fiu":
+        raise RescompressError(f"--input {path.name}: a {x.dtype} array of shape {x.shape}; the model takes "
+                               f"preprocessed images of shape (N, {', '.join(map(str, chw))}), float32")
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,4 +1,9 @@
-"""Host latency: warm-up, then timed single calls; medians and tails, never a single number."""
+"""Host latency: warm-up, then timed single calls; medians and tails, never a single number.
+
+`time_artifact` is the one way an artifact is timed on this host: `rescompress run` (a device whose latency
+is `measured`) and `rescompress bench FILE` on such a device both call it, so the same file gives its figure
+from the same code, with the input it was timed on named beside it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,17 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rescompress.export.artifact import Artifact
+
+HOST_METHOD = "in-process on this host: warm-up calls, then one timed call per run"
+TEST_IMAGES = "test images"
+RANDOM_SEED = 0
+RANDOM_INPUT = f"random: seeded standard normal (seed {RANDOM_SEED})"
 
 
 @dataclass
@@ -45,6 +58,23 @@ def measure_latency(fn: Callable[[np.ndarray], np.ndarray], example: np.ndarray,
     return LatencyStats(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(samples.mean()),
                         min_ms=float(samples.min()), batch=int(x.shape[0]), warmup=warmup, runs=runs,
                         threads=threads or host_threads())
+
+
+def time_artifact(art: "Artifact", x: np.ndarray, *, input_kind: str, warmup: int = 20, runs: int = 200,
+                  threads: Optional[int] = None, progress: Optional[Callable[[], None]] = None) -> dict:
+    """Latency of `art` on this host in its own runtime (`art.runner(threads)`), called on `x` (a batch as
+    the artifact takes it); `input_kind` says what `x` is (`TEST_IMAGES`, `RANDOM_INPUT`, a file). The
+    session is released afterwards: one session at a time."""
+    try:
+        stats = measure_latency(art.runner(threads), x, warmup=warmup, runs=runs, threads=threads, progress=progress)
+    finally:
+        art.release()
+    return {**stats.to_dict(), "runtime": art.runtime, "input": input_kind, "method": HOST_METHOD}
+
+
+def random_input(shape: tuple[int, ...]) -> np.ndarray:
+    """The seeded standard-normal float32 batch that `RANDOM_INPUT` names."""
+    return np.random.default_rng(RANDOM_SEED).standard_normal(shape).astype(np.float32)
 
 
 def host_threads() -> int:

@@ -1,13 +1,18 @@
-"""Latency measured on a device over ssh (`measured-remote`), or on this host by the same runner.
+"""Latency measured on a device over ssh (`measured-remote`).
 
 `measure_remote` makes a temporary directory on the device, copies `tools/remote_runner.py` and the
 artifact into it, runs the runner with the device's own Python, reads the one JSON line it prints and
 removes the directory again. It uses the system `ssh` with BatchMode (never a password prompt) and
-StrictHostKeyChecking=yes: an unknown or changed host key is refused, never accepted blindly.
+StrictHostKeyChecking=yes: an unknown or changed host key is refused, never accepted blindly. The user and
+host are checked before ssh runs (`check_destination`), and `--` ends ssh's options before them.
 
 Files travel as `ssh dest 'cat > path'` rather than scp: one quoting rule (the remote POSIX shell's, every
 path through `shlex.quote`) whatever scp protocol either side speaks, and it works on devices without an
 sftp-server.
+
+On TensorRT the runner runs the trtexec commands built here by `rescompress.export.tensorrt` (the same
+builder that writes a deferred export's build command), so the engine timed is the engine the user is told
+to build.
 
 A failure is a status with a message the user can act on, never an exception:
 "ok" | "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "timeout" | "failed".
@@ -17,31 +22,54 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
+from rescompress.errors import RescompressError
+
 if TYPE_CHECKING:
     from rescompress.devices import SSHConnection
+    from rescompress.export.tensorrt import TensorRTConfig
 
 RUNNER = Path(__file__).resolve().parents[2] / "tools" / "remote_runner.py"
 RUNTIMES = ("onnxruntime", "tflite", "tensorrt")
-RUNNER_PRECISIONS = ("fp32", "fp16", "int8")  # anything else ("as built") is not passed to the runner
 CLEANUP_TIMEOUT_S = 30
+TRT_WARMUP_MS = 200  # trtexec warms up for a time, not a number of calls
 LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "batch", "warmup", "runs", "threads")
+LABEL_KEYS = ("input", "method", "note")
 FACT_KEYS = ("python", "numpy", "platform", "machine", "runtime", "runtime_version", "power_mode")
+HOST_NAME = re.compile(r"[A-Za-z0-9_.:%-]+")  # a host name, an IPv4 or IPv6 address (with a %scope)
+USER_NAME = re.compile(r"[A-Za-z0-9_.@+-]+")
 
 Status = Literal["ok", "unreachable", "host-key", "auth-failed", "runtime-missing", "timeout", "failed"]
 
 
+class InvalidDestination(RescompressError, ValueError):
+    """An ssh user or host that ssh could read as an option, or that does not name one user and one host."""
+
+
+def check_destination(user: Optional[str], host: str, *, user_from: str = "connection.ssh.user",
+                      host_from: str = "connection.ssh.host") -> None:
+    """Refuse an ssh destination that is not plainly `user@host`: an empty part, a leading `-` (ssh would
+    read it as an option), whitespace, control or shell characters. `user_from`/`host_from` name where
+    each part was given, for the message."""
+    if not host or host.startswith("-") or not HOST_NAME.fullmatch(host):
+        raise InvalidDestination(f"invalid ssh host {host!r} in {host_from}: give a host name or IP address "
+                                 "(letters, digits, '.', '-', '_', ':'), not starting with '-'")
+    if user is not None and (not user or user.startswith("-") or not USER_NAME.fullmatch(user)):
+        raise InvalidDestination(f"invalid ssh user {user!r} in {user_from}: a user name is letters, digits, "
+                                 "'.', '_', '-', '@', '+', not empty and not starting with '-'")
+
+
 @dataclass
 class RemoteOutcome:
-    """What a remote (or local-runner) measurement gave: a status, a message saying what to do about a
-    failure, LatencyStats-style latency when it worked, and the facts the device reported about itself."""
+    """What a remote measurement gave: a status, a message saying what to do about a failure,
+    LatencyStats-style latency when it worked, and the facts the device reported about itself."""
     status: Status
     message: str = ""
     latency: Optional[dict] = None
@@ -80,23 +108,40 @@ class _Target:
 
 # ----------------------------------------------------------------------------------------- public API
 
-def measure_remote(path: Path, runtime: str, ssh: "SSHConnection", *, precision: str = "fp32", batch: int = 1,
-                   warmup: int = 20, runs: int = 200, threads: Optional[int] = None,
-                   power_mode_command: Optional[str] = None, trtexec: str = "trtexec", timeout_s: float = 900,
-                   host: Optional[str] = None) -> RemoteOutcome:
+def measure_remote(path: Path, runtime: str, ssh: "SSHConnection", *, engine: Optional["TensorRTConfig"] = None,
+                   batch: int = 1, warmup: int = 20, runs: int = 200, threads: Optional[int] = None,
+                   chw: Optional[tuple[int, ...]] = None, power_mode_command: Optional[str] = None,
+                   trtexec: str = "trtexec", timeout_s: float = 900, host: Optional[str] = None) -> RemoteOutcome:
     """Latency of the artifact at `path` on `runtime`, measured on the device `ssh` reaches (`host`,
-    "user@addr" or "addr", overrides its host and user). Connection and device problems come back as a
-    status and message; only invalid arguments raise (ValueError)."""
+    "user@addr" or "addr", overrides its host and user).
+
+    On TensorRT an ONNX is built into an engine on the device with `engine` (default: `engine_config` of
+    the file), then timed; a serialized engine is timed as it is, at batch `batch` when its image shape
+    `chw` is given. Connection and device problems come back as a status and message; only invalid
+    arguments raise (ValueError; `InvalidDestination` for a user or host that is not one)."""
     _check_args(runtime, batch, warmup, runs, threads)
     path = Path(path)
     target = _target(ssh, host)
     problem = _local_problem(path, target)
     if problem is not None:
         return problem
-    runner_args = _runner_args(runtime, precision, batch, warmup, runs, threads, power_mode_command, trtexec)
+    args = ["--runtime", runtime, "--batch", str(batch), "--warmup", str(warmup), "--runs", str(runs)]
+    if threads is not None:
+        args += ["--threads", str(threads)]
+    if power_mode_command:
+        args += ["--power-mode-command", power_mode_command]
+    if runtime == "tensorrt":
+        try:
+            build, timing = trtexec_commands(path, engine=engine, batch=batch, warmup=warmup, runs=runs,
+                                             chw=chw, trtexec=trtexec)
+        except ValueError as exc:
+            return RemoteOutcome("failed", str(exc))
+        if build is not None:
+            args += ["--trtexec-build", json.dumps(build)]
+        args += ["--trtexec-time", json.dumps(timing)]
     session = _Session(target, time.monotonic() + timeout_s)
     try:
-        return _measure(session, ssh, path, runner_args)
+        return _measure(session, ssh, path, args)
     except _Timeout:
         return RemoteOutcome("timeout", f"the measurement on {target.label} did not finish within {timeout_s:g} s; "
                                         "raise timeout_s, or lower runs")
@@ -107,25 +152,30 @@ def measure_remote(path: Path, runtime: str, ssh: "SSHConnection", *, precision:
                                        "openssh-client)")
 
 
-def measure_local(path: Path, runtime: str, *, precision: str = "fp32", batch: int = 1, warmup: int = 20,
-                  runs: int = 200, threads: Optional[int] = None, power_mode_command: Optional[str] = None,
-                  trtexec: str = "trtexec", timeout_s: float = 900) -> RemoteOutcome:
-    """The same runner on this host, with this Python (latency source `measured`)."""
-    _check_args(runtime, batch, warmup, runs, threads)
+def trtexec_commands(path: Path, *, engine: Optional["TensorRTConfig"] = None, batch: int = 1, warmup: int = 20,
+                     runs: int = 200, chw: Optional[tuple[int, ...]] = None,
+                     trtexec: str = "trtexec") -> tuple[Optional[list[str]], list[str]]:
+    """(build argv or None for an engine file, timing argv) that the device runs, in the folder it copies
+    `path` to. ValueError when the ONNX cannot be read or the batch lies outside the engine's profile."""
+    from rescompress.export.tensorrt import engine_config, onnx_input, trtexec_build_argv, trtexec_time_argv
+
     path = Path(path)
-    if not path.is_file():
-        return RemoteOutcome("failed", f"artifact not found: {path}")
-    if not RUNNER.is_file():
-        return _runner_missing()
-    argv = [sys.executable, str(RUNNER), "--artifact", str(path),
-            *_runner_args(runtime, precision, batch, warmup, runs, threads, power_mode_command, trtexec)]
-    try:
-        proc = subprocess.run(argv, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout_s,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return RemoteOutcome("timeout", f"the measurement on this host did not finish within {timeout_s:g} s; "
-                                        "raise timeout_s, or lower runs")
-    return _runner_outcome(proc, "this host", host=None, python=sys.executable)
+    warmup_ms = TRT_WARMUP_MS if warmup > 0 else 0
+    if path.suffix.lower() != ".onnx":
+        return None, trtexec_time_argv(path.name, batch=batch, runs=runs, warmup_ms=warmup_ms, chw=chw,
+                                       trtexec=trtexec)
+    from rescompress.bench.device_latency import onnx_precision
+
+    input_name, onnx_chw = onnx_input(path)
+    engine = engine if engine is not None else engine_config(onnx_precision(path), batch)
+    if batch > engine.max_batch:
+        raise ValueError(f"batch {batch} is larger than the engine's profile allows (max_batch {engine.max_batch}); "
+                         "measure at a smaller batch or raise the tensorrt export's max_batch")
+    engine_name = path.with_suffix(".engine").name
+    build = trtexec_build_argv(engine, path.name, engine_name, onnx_chw, trtexec, input_name)
+    timing = trtexec_time_argv(engine_name, batch=batch, runs=runs, warmup_ms=warmup_ms, chw=onnx_chw,
+                               trtexec=trtexec, input_name=input_name)
+    return build, timing
 
 
 # ---------------------------------------------------------------------------------------- arguments
@@ -139,31 +189,23 @@ def _check_args(runtime: str, batch: int, warmup: int, runs: int, threads: Optio
 
 
 def _target(ssh: "SSHConnection", host: Optional[str]) -> _Target:
-    """The ssh target, with `host` ("user@addr" or "addr") overriding the profile's host and user."""
+    """The ssh target, with `host` ("user@addr" or "addr") overriding the profile's host and user; an
+    `InvalidDestination` for a user or host that is not one, before anything runs."""
     addr, user = ssh.host, ssh.user
-    if host:
-        user, _, addr = host.rpartition("@") if "@" in host else (user, "", host)
-    if not addr or addr.startswith("-"):
-        raise ValueError(f"invalid ssh host '{addr}'")
+    user_from, host_from = "connection.ssh.user", "connection.ssh.host"
+    if host is not None:
+        host_from = "--host"
+        if "@" in host:
+            user, _, addr = host.rpartition("@")
+            user_from = "--host"
+        else:
+            addr = host
+    check_destination(user, addr, user_from=user_from, host_from=host_from)
     known = ssh.known_hosts or "~/.ssh/known_hosts"
-    return _Target(addr=addr, user=user or None, port=ssh.port,
+    return _Target(addr=addr, user=user, port=ssh.port,
                    key=os.path.expanduser(ssh.key) if ssh.key else None,
                    known_hosts=os.path.expanduser(known), global_known_hosts=ssh.known_hosts is None,
                    connect_timeout_s=ssh.connect_timeout_s)
-
-
-def _runner_args(runtime: str, precision: str, batch: int, warmup: int, runs: int, threads: Optional[int],
-                 power_mode_command: Optional[str], trtexec: str) -> list[str]:
-    """The runner's arguments after --artifact."""
-    args = ["--runtime", runtime, "--batch", str(batch), "--warmup", str(warmup), "--runs", str(runs),
-            "--trtexec", trtexec]
-    if precision in RUNNER_PRECISIONS:
-        args += ["--precision", precision]
-    if threads is not None:
-        args += ["--threads", str(threads)]
-    if power_mode_command:
-        args += ["--power-mode-command", power_mode_command]
-    return args
 
 
 def _local_problem(path: Path, target: _Target) -> Optional[RemoteOutcome]:
@@ -195,7 +237,8 @@ def _ssh_option_value(value: str) -> str:
 
 
 def ssh_base_argv(target: _Target) -> list[str]:
-    """`ssh` with the options every call uses: no prompts, strict host keys, the profile's key and port."""
+    """`ssh` with the options every call uses (no prompts, strict host keys, the profile's key and port),
+    then `--` and the destination: nothing after the options is read as one."""
     argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
             "-o", f"UserKnownHostsFile={_ssh_option_value(target.known_hosts)}",
             "-o", f"ConnectTimeout={target.connect_timeout_s}", "-o", "UpdateHostKeys=no",
@@ -204,7 +247,7 @@ def ssh_base_argv(target: _Target) -> list[str]:
         argv += ["-o", "GlobalKnownHostsFile=/dev/null"]
     if target.key is not None:
         argv += ["-o", "IdentitiesOnly=yes", "-i", target.key]
-    return argv + ["-p", str(target.port), target.destination]
+    return argv + ["-p", str(target.port), "--", target.destination]
 
 
 class _Session:
@@ -315,7 +358,7 @@ def _copy_and_run(session: _Session, python: str, tmp: str, path: Path, runner_a
     failure = _ssh_failure(proc, session.target)
     if failure is not None:
         return failure
-    return _runner_outcome(proc, session.target.label, host=session.target.host, python=python)
+    return _runner_outcome(proc, session.target, python)
 
 
 # ------------------------------------------------------------------------------------- classification
@@ -379,9 +422,9 @@ def _unreachable(low: str, err: str, target: _Target) -> RemoteOutcome:
     return RemoteOutcome("failed", f"ssh to {target.label} failed: {_last_line(err) or 'exit status 255'}")
 
 
-def _runner_outcome(proc: subprocess.CompletedProcess, where: str, *, host: Optional[str],
-                    python: str) -> RemoteOutcome:
-    """The runner's JSON line as an outcome (latency source measured-remote with a host, else measured)."""
+def _runner_outcome(proc: subprocess.CompletedProcess, target: _Target, python: str) -> RemoteOutcome:
+    """The runner's JSON line as an outcome, latency source measured-remote."""
+    where = target.label
     if proc.returncode == 127:
         return RemoteOutcome("runtime-missing", f"{python} was not found on {where}; install Python 3 there or set "
                                                 "connection.ssh.python to its path")
@@ -394,7 +437,7 @@ def _runner_outcome(proc: subprocess.CompletedProcess, where: str, *, host: Opti
         outcome_status = "runtime-missing" if status == "runtime-missing" else "failed"
         message = result.get("message") or f"exit status {proc.returncode}"
         return RemoteOutcome(outcome_status, f"on {where}: {message}")
-    return RemoteOutcome("ok", "", _latency(result, host), {k: result.get(k) for k in FACT_KEYS})
+    return RemoteOutcome("ok", "", _latency(result, target.host), {k: result.get(k) for k in FACT_KEYS})
 
 
 def _last_json(stdout: str) -> Optional[dict]:
@@ -407,13 +450,10 @@ def _last_json(stdout: str) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
-def _latency(result: dict, host: Optional[str]) -> dict:
-    """LatencyStats-style keys plus where and on what the numbers were taken."""
+def _latency(result: dict, host: str) -> dict:
+    """LatencyStats-style keys plus where, on what and on which input the numbers were taken."""
     latency = {k: result[k] for k in LATENCY_KEYS}
-    latency.update(source="measured-remote" if host else "measured", power_mode=result.get("power_mode"),
+    latency.update(source="measured-remote", host=host, power_mode=result.get("power_mode"),
                    runtime_version=result.get("runtime_version"))
-    if host:
-        latency["host"] = host
-    if result.get("note"):
-        latency["note"] = result["note"]
+    latency.update({k: result[k] for k in LABEL_KEYS if result.get(k)})
     return latency

@@ -56,16 +56,43 @@ def require_tensorrt():
     return tensorrt
 
 
+def trtexec_build_argv(cfg: TensorRTConfig, onnx_name: str, engine_name: str, chw: tuple[int, ...],
+                       trtexec: str = "trtexec", input_name: str = "input") -> list[str]:
+    """The trtexec argv that builds the engine from the ONNX (run in the folder holding the ONNX): what a
+    deferred export tells the user to run, and what a remote measurement runs on the device."""
+    shape = "x".join(str(d) for d in chw)
+    return [trtexec, f"--onnx={onnx_name}", f"--saveEngine={engine_name}",
+            f"--minShapes={input_name}:1x{shape}", f"--optShapes={input_name}:1x{shape}",
+            f"--maxShapes={input_name}:{cfg.max_batch}x{shape}",
+            "--stronglyTyped" if cfg.precision == "int8" else "--fp16",
+            f"--memPoolSize=workspace:{cfg.workspace_mib}M"]
+
+
+def trtexec_time_argv(engine_name: str, *, batch: int, runs: int, warmup_ms: int, chw: Optional[tuple[int, ...]] = None,
+                      trtexec: str = "trtexec", input_name: str = "input") -> list[str]:
+    """The trtexec argv that times a built engine: exactly `runs` iterations at `batch` (when the input's
+    `chw` is known; else at the engine's optimisation shape), after `warmup_ms` of warm-up."""
+    argv = [trtexec, f"--loadEngine={engine_name}"]
+    if chw is not None:
+        argv.append(f"--shapes={input_name}:{batch}x" + "x".join(str(d) for d in chw))
+    return argv + [f"--warmUp={warmup_ms}", f"--iterations={runs}", "--duration=0"]
+
+
+def shell_line(argv: list[str]) -> str:
+    """`argv` as one POSIX shell line; a `--flag=value` word keeps its flag unquoted (`--onnx='my model.onnx'`)."""
+    def word(arg: str) -> str:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--") and shlex.quote(flag) == flag:
+            return f"{flag}={shlex.quote(value)}"
+        return shlex.quote(arg)
+
+    return " ".join(word(a) for a in argv)
+
+
 def trtexec_command(cfg: TensorRTConfig, onnx_name: str, engine_name: str, chw: tuple[int, ...],
                     trtexec: str = "trtexec") -> str:
     """The trtexec line that builds the engine from the ONNX, run in the folder holding the ONNX."""
-    shape = "x".join(str(d) for d in chw)
-    parts = [shlex.quote(trtexec), f"--onnx={shlex.quote(onnx_name)}", f"--saveEngine={shlex.quote(engine_name)}",
-             f"--minShapes=input:1x{shape}", f"--optShapes=input:1x{shape}",
-             f"--maxShapes=input:{cfg.max_batch}x{shape}",
-             "--stronglyTyped" if cfg.precision == "int8" else "--fp16",
-             f"--memPoolSize=workspace:{cfg.workspace_mib}M"]
-    return " ".join(parts)
+    return shell_line(trtexec_build_argv(cfg, onnx_name, engine_name, chw, trtexec))
 
 
 def build_commands(cfg: TensorRTConfig, onnx_name: str, engine_name: str, chw: tuple[int, ...],
@@ -75,6 +102,33 @@ def build_commands(cfg: TensorRTConfig, onnx_name: str, engine_name: str, chw: t
     if not trt_devices:
         return {"any": trtexec_command(cfg, onnx_name, engine_name, chw)}
     return {d.name: trtexec_command(cfg, onnx_name, engine_name, chw, d.trtexec) for d in trt_devices}
+
+
+def onnx_input(path: Path) -> tuple[str, tuple[int, ...]]:
+    """The name and per-image shape (all but the batch dim) of an ONNX model's one input."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # onnx raises DecodeError and friends on a file that is not ONNX
+        raise ValueError(f"{Path(path).name} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ValueError(f"{Path(path).name} has {len(inputs)} inputs; an image classifier has one")
+    dims = inputs[0].type.tensor_type.shape.dim[1:]
+    if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+        raise ValueError(f"{Path(path).name}: input '{inputs[0].name}' has a symbolic dimension besides the batch; "
+                         "export the model with a fixed image size")
+    return inputs[0].name, tuple(int(d.dim_value) for d in dims)
+
+
+def engine_config(onnx_precision: str, batch: int = 1) -> TensorRTConfig:
+    """How an ONNX file given on its own is built into an engine: strongly typed int8 for a QDQ graph, else
+    fp16 (as the tensorrt target builds its fp16 engine from the fp32 ONNX), with a profile up to `batch`."""
+    default = TensorRTConfig()
+    return TensorRTConfig(precision="int8" if onnx_precision == "int8" else "fp16",
+                          max_batch=max(default.max_batch, batch))
 
 
 def export_tensorrt(model, example, cfg: TensorRTConfig, out_path: Path, *, spec, from_stage: str,
@@ -87,7 +141,8 @@ def export_tensorrt(model, example, cfg: TensorRTConfig, out_path: Path, *, spec
                 onnx_path, spec=spec, from_stage=from_stage)
     chw = tuple(int(d) for d in example.shape[1:])
     strongly_typed = cfg.precision == "int8"
-    details: dict = {"onnx": onnx_path.name, "strongly_typed": strongly_typed}
+    details: dict = {"onnx": onnx_path.name, "strongly_typed": strongly_typed,
+                     "build_config": {k: getattr(cfg, k) for k in ("precision", "max_batch", "workspace_mib")}}
     if cfg.precision == "int8":
         from rescompress.compress.qgraph import scheme_of
 
@@ -138,7 +193,7 @@ def _lint_failure(lint: LintResult, scheme: Optional[str]) -> str:
 
 
 def _build_engine(onnx_path: Path, out_path: Path, cfg: TensorRTConfig, chw: tuple[int, ...],
-                  strongly_typed: bool) -> tuple[str, str]:
+                  strongly_typed: bool, input_name: str = "input") -> tuple[str, str]:
     """Build with the TensorRT 10 Python API: a strongly typed network for int8 QDQ (the Q/DQ types decide
     the precision), fp16 kernels allowed otherwise. Returns (TensorRT version, GPU name)."""
     import torch
@@ -159,13 +214,30 @@ def _build_engine(onnx_path: Path, out_path: Path, cfg: TensorRTConfig, chw: tup
     if not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    profile.set_shape("input", (1, *chw), (1, *chw), (cfg.max_batch, *chw))
+    profile.set_shape(input_name, (1, *chw), (1, *chw), (cfg.max_batch, *chw))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT could not build an engine from {onnx_path.name} (its log above says why)")
     atomic_write(out_path, lambda p: p.write_bytes(bytes(serialized)))
     return trt.__version__, torch.cuda.get_device_name(0)
+
+
+def build_engine(onnx_path: Path, out_path: Path, cfg: TensorRTConfig) -> tuple[str, str]:
+    """Build an engine from an ONNX file here, as the export builds it; returns (TensorRT version, GPU name)."""
+    input_name, chw = onnx_input(onnx_path)
+    return _build_engine(Path(onnx_path), Path(out_path), cfg, chw, cfg.precision == "int8", input_name)
+
+
+def engine_input(path: Path) -> tuple[str, tuple[int, ...]]:
+    """The name and per-image shape (from the optimisation profile's opt shape) of an engine's input."""
+    trt = require_tensorrt()
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT could not load {path}: built for another GPU or TensorRT version?")
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    (name,) = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    return name, tuple(int(d) for d in engine.get_tensor_profile_shape(name, 0)[1][1:])
 
 
 def engine_runner(path: Path, threads: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
