@@ -6,13 +6,16 @@ A sweep directory holds:
     recipe.original.yaml  the recipe as given
     trials/t000/ …        one ordinary run directory per trial (`rescompress run --resume` works on each)
     cache/<key>/          finished baseline/stage checkpoints, keyed by everything that decides them
-    report.json .md .html plots/   the merged report: every trial's artifacts, per device the Pareto front
-                                   over all of them and the fastest within the accuracy budget
+    report.json .md .html plots/   the merged report: every trial's artifacts, each measured against its own
+                                   trial's baseline, per device the Pareto front over all of them and the
+                                   fastest within the accuracy budget
 
 Trials that share a prefix of steps (same model, data, training, seed and the same first stages) reuse its
 checkpoints: before a trial runs, the longest prefix found in the cache is copied into its run directory
 and marked finished, so the pipeline goes on from there exactly as a resumed run would. With parallel
-trials (Ray), a trial waits while another one is computing a step it could reuse.
+trials (Ray), a trial waits while another one is computing a step it could reuse. A cache entry whose
+checkpoint path leads out of it or out of the trial's checkpoints/ is refused: the trial fails, naming the
+entry to delete.
 
 An interrupted sweep resumes with `rescompress sweep --resume DIR`: finished trials are kept as they are,
 unfinished ones resume from their last finished step.
@@ -42,6 +45,10 @@ from rescompress.recipe import Recipe, RangeSpec, SweepConfig, parse_recipe, par
 SWEEP_FILE = "sweep.json"
 TRIALS = "trials"
 CACHE = "cache"
+
+
+class CacheEntryError(RescompressError):
+    """A sweep cache entry cannot be reused as it is."""
 
 
 # --- what the trials are -------------------------------------------------------------------------
@@ -295,19 +302,39 @@ def _reuse_prefix(sweep_dir: Path, plan: Any, manifest: Any, keys: list[str]) ->
     for step, key in zip(_training_steps(plan), keys):
         if manifest.done(step):
             continue
-        entry_file = sweep_dir / CACHE / key / "entry.json"
-        if not entry_file.is_file():
+        if not (sweep_dir / CACHE / key / "entry.json").is_file():
             break
-        entry = json.loads(entry_file.read_text(encoding="utf-8"))
-        target = manifest.path.parent / entry["checkpoint"]
+        entry, source, target = _cache_entry(sweep_dir / CACHE / key, manifest.path.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sweep_dir / CACHE / key / Path(entry["checkpoint"]).name, target)
-        record = {**entry["record"], "notes": [*entry["record"].get("notes", []),
-                                               f"reused from the sweep's cache (computed by {entry['trial']})"]}
+        shutil.copyfile(source, target)
+        record = {**entry["record"], "checkpoint": entry["checkpoint"], "notes": [
+            *entry["record"].get("notes", []), f"reused from the sweep's cache (computed by {entry['trial']})"]}
         manifest.mark(step, record=record, checkpoint=entry["checkpoint"], sha256=entry["sha256"], seconds=0.0,
                       reused_from=entry["trial"])
         reused.append(step)
     return reused
+
+
+def _cache_entry(entry_dir: Path, run_dir: Path) -> tuple[dict, Path, Path]:
+    """A cache entry's data, the checkpoint file in it and where that goes in the run directory; refuses an
+    entry whose paths lead out of the entry or out of the run's checkpoints (the cache may be shared)."""
+    entry_file, keys = entry_dir / "entry.json", ("step", "trial", "checkpoint", "sha256", "record")
+    fix = f"delete {entry_dir} to have the step computed again"
+    try:
+        entry = json.loads(entry_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        entry = None
+    if not (isinstance(entry, dict) and set(keys) <= set(entry) and isinstance(entry["checkpoint"], str)
+            and isinstance(entry["record"], dict)):
+        raise CacheEntryError(f"sweep cache entry {entry_file} is damaged (expected JSON with {', '.join(keys)}); {fix}")
+    rel = Path(entry["checkpoint"])
+    source, target = entry_dir / rel.name, run_dir / rel
+    if (rel.is_absolute() or ".." in rel.parts or not source.is_file()
+            or not source.resolve().is_relative_to(entry_dir.resolve())
+            or not target.resolve().is_relative_to((run_dir / "checkpoints").resolve())):
+        raise CacheEntryError(f"sweep cache entry {entry_file}: checkpoint {entry['checkpoint']!r} is not a file of the "
+                              f"entry or leads outside the run's checkpoints/; {fix}")
+    return entry, source, target
 
 
 def _publish(sweep_dir: Path, run_dir: Path, plan: Any, manifest: Any, keys: list[str]) -> None:
@@ -410,7 +437,9 @@ def _ray_trial(sweep_dir: str, trial_id: str, threads: int, cwd: str) -> dict:
 
 def merge(sweep: Sweep) -> dict:
     """One report over every finished trial (artifacts named `<trial>/<artifact>`), per device the Pareto
-    front over all of them and the fastest within the accuracy budget; written to the sweep directory."""
+    front over all of them and the fastest within the accuracy budget; written to the sweep directory.
+    Each artifact's Δ top-1 (test and val) is against its own trial's baseline; every distinct baseline is a
+    stage (`baseline`, then `t001/baseline`, ...), shared by the trials that reused it from the cache."""
     from rescompress.pipeline import recommend
     from rescompress.report import SCHEMA_VERSION, load_report, write_report
     from rescompress.rundir import now
@@ -419,12 +448,19 @@ def merge(sweep: Sweep) -> dict:
                if t.status == "done" and (sweep.dir / TRIALS / t.id / "report.json").is_file()}
     if not reports:
         raise RescompressError(f"no trial of {sweep.dir} finished; nothing to merge (see {SWEEP_FILE})")
-    first_id, first = next(iter(reports.items()))
-    baseline = {**first["stages"][0], "checkpoint": _under(first_id, first["stages"][0].get("checkpoint"))}
+    first = next(iter(reports.values()))
     budget = first["recipe"].get("accuracy_budget_pt")
-    stages, artifacts, devices = [baseline], [], {}
+    baselines: dict[str, dict] = {}  # one stage per distinct baseline checkpoint (by hash); trials reusing it share it
+    users: dict[str, list[Trial]] = {}
+    stages, artifacts, devices = [], [], {}
     for tid, rep in reports.items():
         trial = next(t for t in sweep.trials if t.id == tid)
+        base, sha = rep["stages"][0], _baseline_sha(sweep.dir, tid) or tid
+        if sha not in baselines:
+            baselines[sha] = {**base, "name": f"{tid}/baseline" if baselines else "baseline",
+                              "checkpoint": _under(tid, base.get("checkpoint"))}
+            stages.append(baselines[sha])
+        users.setdefault(sha, []).append(trial)
         stages += [{**s, "name": f"{tid}/{s['name']}", "checkpoint": _under(tid, s.get("checkpoint")),
                     "notes": [trial.label, *s.get("notes", [])]} for s in rep["stages"][1:]]
         for a in rep["artifacts"]:
@@ -435,9 +471,12 @@ def merge(sweep: Sweep) -> dict:
         for d in rep["devices"]:
             merged = devices.setdefault(d["name"], {k: v for k, v in d.items() if k not in ("results", "recommendation")}
                                         | {"results": []})
-            for r in d["results"]:
-                delta = None if r.get("top1") is None else (r["top1"] - baseline["top1"]) * 100
-                merged["results"].append({**r, "artifact": f"{tid}/{r['artifact']}", "delta_top1_pt": delta})
+            for r in d["results"]:  # each artifact against its own trial's baseline
+                merged["results"].append({**r, "artifact": f"{tid}/{r['artifact']}",
+                                          "delta_top1_pt": _delta_pt(r.get("top1"), base["top1"]),
+                                          "delta_val_top1_pt": _delta_pt(r.get("val_top1"), base.get("val_top1"))})
+    for sha, b in baselines.items():
+        b["notes"] = [f"the baseline of {'; '.join(f'{t.id} ({t.label})' for t in users[sha])}", *b.get("notes", [])]
     for d in devices.values():
         d["recommendation"] = recommend(d["results"], d.get("accuracy_budget_pt", budget) or 0.0)
     report = {
@@ -451,6 +490,21 @@ def merge(sweep: Sweep) -> dict:
     }
     write_report(report, sweep.dir)
     return report
+
+
+def _baseline_sha(sweep_dir: Path, tid: str) -> Optional[str]:
+    """The hash of a trial's baseline checkpoint (trials that reused one from the cache share it)."""
+    from rescompress.rundir import Manifest
+
+    try:
+        done = Manifest.load(sweep_dir / TRIALS / tid).done("baseline")
+    except ResumeError:
+        return None
+    return (done or {}).get("sha256")
+
+
+def _delta_pt(top1: Optional[float], baseline_top1: Optional[float]) -> Optional[float]:
+    return None if top1 is None or baseline_top1 is None else round((top1 - baseline_top1) * 100, 3)
 
 
 def _under(tid: str, path: Optional[str]) -> Optional[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,13 +102,56 @@ def test_sweep_dry_run_lists_trials_and_a_bad_path_exits_2(tmp_path):
     assert bad.exit_code == 2 and "stages has 1 entries; stages.3 is not one of them" in bad.output
 
 
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlinked-folder", "symlinked-file", "damaged"])
+def test_a_cache_entry_that_leads_outside_the_trial_is_refused(tmp_path, how):
+    from rescompress.sweep import run_trial
+
+    sweep = Sweep.create(_sweep_recipe(tmp_path), tmp_path / "runs", ["stages.1.finetune.epochs=0,1"], None, None,
+                         "local", None, None, None)
+    run_dir, outside = sweep.dir / "trials" / "t000", tmp_path / "outside"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.pt").write_bytes(b"someone else's file")
+    entry = sweep.dir / "cache" / sweep.keys(sweep.trials[0])[0]  # the baseline's cache entry
+    entry.mkdir(parents=True)
+    (entry / "evil.pt").write_bytes(b"not a checkpoint")
+    checkpoint = {"dotdot": os.path.relpath(outside / "evil.pt", run_dir), "absolute": str(outside / "evil.pt"),
+                  "symlinked-folder": "checkpoints/out/evil.pt", "symlinked-file": "checkpoints/secret.pt",
+                  "damaged": "checkpoints/evil.pt"}[how]
+    if how == "symlinked-folder":  # a folder of the run that links out of it
+        (run_dir / "checkpoints" / "out").symlink_to(outside)
+    if how == "symlinked-file":  # a file of the entry that links out of it
+        (entry / "secret.pt").symlink_to(outside / "secret.pt")
+    data = {"step": "baseline", "trial": "t009", "checkpoint": checkpoint, "sha256": "0" * 64, "record": {}}
+    (entry / "entry.json").write_text("{" if how == "damaged" else json.dumps(data))
+
+    result = run_trial(sweep.dir, "t000", quiet=True)
+    assert result["status"] == "failed"
+    assert re.fullmatch(rf"sweep cache entry {re.escape(str(entry))}/entry.json(: checkpoint .* leads outside the "
+                        rf"run's checkpoints/| is damaged .*); delete {re.escape(str(entry))} to have the step "
+                        rf"computed again", result["message"]), result["message"]
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.pt"]  # nothing written outside
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == (["out"] if how == "symlinked-folder" else [])
+    assert "baseline" not in _manifest(run_dir)["steps"]
+
+
 # --- real sweeps ----------------------------------------------------------------------------------
 
-def _sweep_recipe(tmp_path: Path) -> Path:
+BUDGET_PT = 2.0
+
+
+def _sweep_recipe(tmp_path: Path, stages: list | None = None, train: dict | None = None) -> Path:
     data = copy.deepcopy(TINY_RECIPE)
-    data["stages"] = [{"prune": {"macs_reduction": 1.5, "round_to": 8, "epochs": 1}}, {"finetune": {"epochs": 1}}]
-    data["report"]["accuracy_budget_pt"] = 100.0  # two epochs of training: any artifact may be recommended
+    data["train"].update(train or {})
+    data["stages"] = stages or [{"prune": {"macs_reduction": 1.5, "round_to": 8, "epochs": 1}},
+                                {"finetune": {"epochs": 1}}]
+    data["report"]["accuracy_budget_pt"] = BUDGET_PT
     return write_recipe(tmp_path / "tiny.yaml", data)
+
+
+def _selection_key(rows: list[dict]) -> str:
+    """The Δ the recommendation selects on: validation top-1 where the rows have it, else test."""
+    return "delta_val_top1_pt" if any(r.get("delta_val_top1_pt") is not None for r in rows) else "delta_top1_pt"
 
 
 def _check_merged(sweep_dir: Path, trials: int) -> dict:
@@ -118,12 +162,25 @@ def _check_merged(sweep_dir: Path, trials: int) -> dict:
     assert all(t["status"] == "done" for t in report["sweep"]["trials"])
     (device,) = report["devices"]
     assert {r["artifact"].split("/")[0] for r in device["results"]} == {f"t{i:03d}" for i in range(trials)}
-    assert device["recommendation"]["artifact"] in {r["artifact"] for r in device["results"]}
-    for row in device["results"]:  # every artifact against the one shared baseline
+    own = {f"t{i:03d}": load_report(sweep_dir / "trials" / f"t{i:03d}" / "report.json")["stages"][0]
+           for i in range(trials)}
+    for row in device["results"]:  # every artifact against its own trial's baseline
+        base = own[row["artifact"].split("/")[0]]
         if row.get("top1") is not None:
-            assert row["delta_top1_pt"] == pytest.approx((row["top1"] - report["stages"][0]["top1"]) * 100)
+            assert row["delta_top1_pt"] == pytest.approx((row["top1"] - base["top1"]) * 100, abs=1e-3)
+        if row.get("val_top1") is not None and base.get("val_top1") is not None:
+            assert row["delta_val_top1_pt"] == pytest.approx((row["val_top1"] - base["val_top1"]) * 100, abs=1e-3)
+    # the fastest artifact within the budget, and none outside it
+    assert device["accuracy_budget_pt"] == BUDGET_PT
+    timed = [r for r in device["results"] if r.get("latency")]
+    key = _selection_key(timed)
+    within = [r for r in timed if r.get(key) is not None and r[key] >= -BUDGET_PT]
+    recommended = (device.get("recommendation") or {}).get("artifact")
+    assert recommended == (min(within, key=lambda r: r["latency"]["p50_ms"])["artifact"] if within else None)
+    assert recommended not in {r["artifact"] for r in timed if r.get(key) is not None and r[key] < -BUDGET_PT}
     md = (sweep_dir / "report.md").read_text()
-    assert "## Trials" in md and "stages.1.finetune.epochs=" in md
+    assert "## Trials" in md
+    assert all(f"{k}={v}" in md for t in report["sweep"]["trials"] for k, v in t["overrides"].items())
     return report
 
 
@@ -148,6 +205,39 @@ def test_local_sweep_reuses_the_shared_prefix_and_merges(tmp_path):
     report = json.loads((sweep.dir / "trials" / "t001" / "report.json").read_text())
     assert report["stages"][0]["top1"] == json.loads((sweep.dir / "trials" / "t000" / "report.json").read_text())["stages"][0]["top1"]
     assert any("reused from the sweep's cache" in n for n in report["stages"][0]["notes"])
+    # one baseline checkpoint, so one baseline stage in the merged report, shared by both trials
+    merged = json.loads((sweep.dir / "report.json").read_text())
+    (baseline,) = [s for s in merged["stages"] if s["name"].endswith("baseline")]
+    assert baseline["name"] == "baseline" and "t000" in baseline["notes"][0] and "t001" in baseline["notes"][0]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_training_measures_each_trial_against_its_own_baseline(tmp_path):
+    from rich.console import Console
+
+    # two baselines (the learning rate), each pruned with and without fine-tuning; not fine-tuned, the pruned
+    # models are far out of the budget
+    recipe = _sweep_recipe(tmp_path, [{"prune": {"macs_reduction": 1.3, "round_to": 8, "epochs": 0, "lr": 0.05}}],
+                           train={"epochs": 8, "batch_size": 32})
+    sweep = Sweep.create(recipe, tmp_path / "runs", ["train.lr=0.05,0.1", "stages.0.prune.epochs=0,4"], None, None,
+                         "local", None, None, None)
+    run_sweep(sweep, Console(quiet=True))
+    report = _check_merged(sweep.dir, 4)
+    own = {t: json.loads((sweep.dir / "trials" / t / "report.json").read_text())["stages"][0]
+           for t in ("t000", "t001", "t002", "t003")}
+    assert own["t000"]["top1"] != own["t002"]["top1"]  # the grid changed the baseline
+    assert own["t001"] == {**own["t000"], "notes": own["t001"]["notes"]}  # the same lr: reused from the cache
+    baselines = {s["name"]: s for s in report["stages"] if s["name"].endswith("baseline")}
+    assert set(baselines) == {"baseline", "t002/baseline"}
+    assert (baselines["baseline"]["top1"], baselines["t002/baseline"]["top1"]) == (own["t000"]["top1"],
+                                                                                   own["t002"]["top1"])
+    assert baselines["t002/baseline"]["checkpoint"] == "trials/t002/" + own["t002"]["checkpoint"]
+    assert "t000" in baselines["baseline"]["notes"][0] and "t001" in baselines["baseline"]["notes"][0]
+    (device,) = report["devices"]
+    timed = [r for r in device["results"] if r.get("latency")]
+    key = _selection_key(timed)
+    assert any(r.get(key) is not None and r[key] < -BUDGET_PT for r in timed)  # the budget decided something
+    assert device["recommendation"] is not None
 
 
 @pytest.mark.slow
