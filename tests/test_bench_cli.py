@@ -124,3 +124,16 @@ def test_bench_bad_input(onnx_model, tmp_path, args, match):
     result = bench(*[a.format(model=onnx_model, garbage=garbage) for a in args])
     assert result.exit_code == 2
     assert re.search(match, " ".join(result.output.split())), result.output
+
+
+def test_an_option_in_the_profile_user_is_refused_before_ssh_runs(onnx_model, tmp_path):
+    import yaml
+
+    marker = tmp_path / "pwned"
+    profile = tmp_path / "board.yaml"
+    profile.write_text(yaml.safe_dump({"name": "board", "runtimes": ["onnxruntime"], "connection": {
+        "ssh": {"host": "127.0.0.1", "user": f"-oProxyCommand=touch {marker}"}}}), encoding="utf-8")
+    result = bench(str(onnx_model), "--device", str(profile), *FAST)
+    assert result.exit_code == 2, result.output
+    assert "invalid ssh user '-oProxyCommand=touch" in " ".join(result.output.split())
+    assert not list(tmp_path.glob("pwned*")), "the ProxyCommand ran"

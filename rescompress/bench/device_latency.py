@@ -205,9 +205,13 @@ def bench_file(path: Path, device_name: str, *, host: Optional[str] = None, runt
     if images is not None:
         raise RescompressError(f"--input feeds images on this host only; on {device.name} the device runner "
                                "times seeded random input (leave out --input)")
-    from rescompress.bench.remote import measure_remote
+    from rescompress.bench.remote import measure_remote, parse_host
 
-    ssh = device.ssh or SSHConnection(host=host or "")
+    if device.ssh is not None:
+        ssh = device.ssh
+    else:  # --host alone says where the device is
+        user, addr = parse_host(host or "")
+        ssh = SSHConnection(host=addr, user=user)
     outcome = measure_remote(path, runtime, ssh, engine=engine, batch=batch, warmup=warmup, runs=runs,
                              threads=threads, power_mode_command=device.power_mode_command,
                              trtexec=device.trtexec, host=host)

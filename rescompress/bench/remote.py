@@ -66,6 +66,13 @@ def check_destination(user: Optional[str], host: str, *, user_from: str = "conne
                                  "'.', '_', '-', '@', '+', not empty and not starting with '-'")
 
 
+def parse_host(host: str) -> tuple[Optional[str], str]:
+    """(user or None, host) of a `--host` value, "user@addr" or "addr", each part checked."""
+    user, at, addr = host.rpartition("@")
+    check_destination(user if at else None, addr, user_from="--host", host_from="--host")
+    return (user if at else None), addr
+
+
 @dataclass
 class RemoteOutcome:
     """What a remote measurement gave: a status, a message saying what to do about a failure,
@@ -191,16 +198,14 @@ def _check_args(runtime: str, batch: int, warmup: int, runs: int, threads: Optio
 def _target(ssh: "SSHConnection", host: Optional[str]) -> _Target:
     """The ssh target, with `host` ("user@addr" or "addr") overriding the profile's host and user; an
     `InvalidDestination` for a user or host that is not one, before anything runs."""
-    addr, user = ssh.host, ssh.user
-    user_from, host_from = "connection.ssh.user", "connection.ssh.host"
     if host is not None:
-        host_from = "--host"
-        if "@" in host:
-            user, _, addr = host.rpartition("@")
-            user_from = "--host"
-        else:
-            addr = host
-    check_destination(user, addr, user_from=user_from, host_from=host_from)
+        given_user, addr = parse_host(host)
+        user = given_user if given_user is not None else ssh.user
+        check_destination(user, addr, user_from="--host" if given_user is not None else "connection.ssh.user",
+                          host_from="--host")
+    else:
+        user, addr = ssh.user, ssh.host
+        check_destination(user, addr)
     known = ssh.known_hosts or "~/.ssh/known_hosts"
     return _Target(addr=addr, user=user, port=ssh.port,
                    key=os.path.expanduser(ssh.key) if ssh.key else None,
