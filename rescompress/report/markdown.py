@@ -181,7 +181,8 @@ def _trials(sweep: Mapping[str, Any] | None) -> list[Block]:
              fmt_text(t.get("message"))] for t in sweep["trials"]]
     return [Heading(2, "Trials"),
             Paragraph(f"Backend {fmt_text(sweep.get('backend'))}. Artifacts above are named trial/artifact; each "
-                      f"trial's own report is in its run directory."),
+                      f"trial's Δ pt is against its own baseline (stages named trial/baseline where trials "
+                      f"trained different ones); each trial's own report is in its run directory."),
             Table(["Trial", "Overrides", "Status", "Time s", "Run dir", "Message"], rows, frozenset({3}))]
 
 

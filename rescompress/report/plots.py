@@ -75,7 +75,10 @@ def _finish(ax: Any, points: list[tuple[float, float, str, str]], report: Mappin
                 for s in MARKERS if any(p[3] == s for p in points)]
     if points:
         handles.append(Line2D([], [], linestyle="--", color="#444", label="Pareto front"))
-    if report["stages"]:
+    baselines = [s for s in report["stages"] if s["name"] == "baseline" or s["name"].endswith("/baseline")]
+    if len(baselines) > 1:  # a sweep over training: each trial has its own baseline, and no one line fits all
+        handles.append(Line2D([], [], linestyle="", label=f"{len(baselines)} baselines: Δ per trial in the report"))
+    elif report["stages"]:
         base = 100.0 * report["stages"][0]["top1"]
         ax.axhline(base, color="#777", linestyle=":", linewidth=1)
         handles.append(Line2D([], [], color="#777", linestyle=":", label=f"baseline {base:.2f} %"))
