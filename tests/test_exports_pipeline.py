@@ -36,13 +36,65 @@ def test_impossible_exports_fail_at_plan_time(stages, export, devices, match):
         check_exports(_recipe(stages, export, devices), [load_device(d) for d in devices])
 
 
-def test_scheme_follows_the_first_device_when_unset(monkeypatch):
+def test_plan_accepts_tflite_int8_when_the_first_device_picks_its_scheme(monkeypatch):
     real = importlib.util.find_spec  # the backends' presence is another check's business
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name in ("litert_torch", "onnx2tf") else real(name, *a))
     devices = [load_device("galaxy-s24")]
     check_exports(_recipe([{"qat": {}}], [{"tflite": {"precision": "int8"}}], ["galaxy-s24"]), devices)
     check_exports(_recipe([], [{"tflite": {"precision": "int8", "converter": "onnx2tf"}}], ["galaxy-s24"]), devices)
+
+
+def _zero_points(path):
+    """(activation zero points, weight zero points) of an int8 QDQ ONNX file, as numpy arrays.
+
+    Activations are quantized in the graph (QuantizeLinear); weights are int8 constants behind a
+    DequantizeLinear. A missing zero point is ONNX's default, uint8 0."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    const = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            const[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def zp(node):
+        return const[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+
+    acts = [zp(n) for n in graph.node if n.op_type == "QuantizeLinear"]
+    weights = [zp(n) for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in const]
+    return acts, weights
+
+
+@pytest.mark.parametrize("devices, scheme", [
+    (["jetson-orin-nano", "host-cpu"], "tensorrt"),
+    (["host-cpu", "jetson-orin-nano"], "onnxruntime"),
+    (["galaxy-s24", "jetson-orin-nano"], "tflite"),
+])
+def test_scheme_follows_the_first_device_when_unset(tmp_path, devices, scheme):
+    import numpy as np
+    from rich.console import Console
+
+    data = copy.deepcopy(TINY_RECIPE)
+    data.update(train={"epochs": 0}, data={"name": "digits", "limit_train": 200},
+                stages=[{"ptq": {"calibration_batches": 2}}], export=[{"onnx": {"precision": "int8"}}],
+                devices=devices, report={"latency": {"warmup": 1, "runs": 2}})
+    plan, run_dir, manifest = prepare_new(write_recipe(tmp_path / "r.yaml", data), tmp_path / "runs")
+    report = execute(plan, run_dir, manifest, Console(quiet=True))
+    art = next(a for a in report["artifacts"] if a["name"] == "onnx-int8")
+    assert art["status"] == "ok"
+    acts, weights = _zero_points(run_dir / art["path"])
+    assert acts and weights
+    # every layout has symmetric int8 weights
+    assert all(w.dtype == np.int8 and not w.any() for w in weights)
+    if scheme == "tensorrt":  # symmetric int8 activations: zero point 0
+        assert all(a.dtype == np.int8 and not a.any() for a in acts)
+    elif scheme == "onnxruntime":  # uint8 activations (U8S8)
+        assert all(a.dtype == np.uint8 for a in acts)
+    else:  # LiteRT: int8 activations, asymmetric
+        assert all(a.dtype == np.int8 for a in acts) and any(a.any() for a in acts)
 
 
 def test_missing_backend_fails_at_plan_time_naming_the_extra(monkeypatch):
