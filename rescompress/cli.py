@@ -53,6 +53,8 @@ def run(
                 plan, _, _ = pipeline.prepare_resume(resume, recipe)
             else:
                 plan = pipeline.make_plan(pipeline.load_recipe(recipe), source=recipe)
+            for warning in plan.warnings:
+                console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
             console.print(plan.describe())
             console.print("[green]plan is valid[/green] (dry run: nothing was trained or written)")
             return
@@ -85,6 +87,8 @@ def _run(recipe: Optional[Path], out: Path, resume: Optional[Path], world: "dist
     if world.size > 1:
         run_console.print(f"torchrun: {world.size} processes train together (DistributedDataParallel); "
                           f"rank 0 writes, exports and measures")
+    for warning in plan.warnings:
+        run_console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     run_console.print(plan.describe())
     try:
         report = pipeline.execute(plan, run_dir, manifest, run_console)

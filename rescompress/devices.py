@@ -169,6 +169,13 @@ class SSHConnection(Strict):
     workdir: str = Field("/tmp", description="where a temporary directory for the artifact is made")
     connect_timeout_s: int = Field(10, gt=0)
 
+    @model_validator(mode="after")
+    def _plain_destination(self) -> "SSHConnection":
+        from rescompress.bench.remote import check_destination
+
+        check_destination(self.user, self.host)  # a ValueError: refused when the profile loads, before any ssh
+        return self
+
     @property
     def destination(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host

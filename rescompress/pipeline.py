@@ -13,7 +13,7 @@ import functools
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,6 +40,7 @@ class Plan:
     devices: list[DeviceProfile]
     weights_note: str = ""
     source: Optional[Path] = None
+    warnings: list[str] = field(default_factory=list)  # printed before the plan (e.g. a shadowed device profile)
 
     @property
     def steps(self) -> list[str]:
@@ -58,8 +59,11 @@ class Plan:
         base = f"train {r.train.epochs} epochs" if r.train.epochs else "evaluate only (train.epochs: 0)"
         lines.append("steps")
         lines.append(f"  baseline          {base}, freeze {r.model.freeze}")
+        prune_target = _check_prune_target(r, self.arch, d.input_spec)  # what the first prune target reaches
         for i, s in enumerate(r.stages):
             lines.append(f"  {stage_step(i, s.kind):<17} {json.dumps(s.config.model_dump(mode='json'))}")
+            if prune_target is not None and prune_target[0] == i:
+                lines.append(f"  {'':<17} {prune_target[1].describe()}")
             if STAGES.get(s.kind).quantizes and getattr(s.config, "scheme", "") is None:
                 from rescompress.compress.quantize import default_scheme
 
@@ -90,7 +94,7 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
 
     MODELS.get(recipe.model.name)  # unknown model: fails before the data loads
     check_order([s.kind for s in recipe.stages], [s.config for s in recipe.stages])
-    devices = [load_device(name) for name in recipe.devices]
+    devices, shadowed = load_devices(recipe.devices)
     check_exports(recipe, devices)
     d = recipe.data
     data = load_dataset(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
@@ -105,24 +109,43 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
     if recipe.model.weights:
         report = load_weights(build_model(**arch), recipe.model.weights, model_name=arch["name"])
         note = report.note or f"{report.loaded} tensors fit"
-    return Plan(recipe=recipe, data=data, arch=arch, devices=devices, weights_note=note, source=source)
+    return Plan(recipe=recipe, data=data, arch=arch, devices=devices, weights_note=note, source=source,
+                warnings=shadowed)
 
 
-def _check_prune_target(recipe: Recipe, arch: dict, spec: Any) -> None:
-    """The first prune stage's target must be reachable on this architecture (later ones depend on it)."""
+def load_devices(names: list[str]) -> tuple[list[DeviceProfile], list[str]]:
+    """The recipe's device profiles, and a warning for each local profile that shadows a built-in one (a
+    profile carries commands that are run: the user must see which file is used)."""
+    import warnings
+
+    from rescompress.devices import ProfileShadowWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ProfileShadowWarning)
+        devices = [load_device(name) for name in names]
+    for w in caught:
+        if not issubclass(w.category, ProfileShadowWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return devices, [str(w.message) for w in caught if issubclass(w.category, ProfileShadowWarning)]
+
+
+def _check_prune_target(recipe: Recipe, arch: dict, spec: Any) -> Optional[tuple[int, Any]]:
+    """The first prune stage's target must be reachable on this architecture (later ones depend on it).
+    Returns (that stage's index, the TargetReach it will reach), or None without a prune stage."""
     first = next((i for i, s in enumerate(recipe.stages) if s.kind == "prune"), None)
     if first is None:
-        return
+        return None
     import torch
 
     from rescompress.compress.prune import check_target
     from rescompress.models import build_model
 
     try:
-        check_target(recipe.stages[first].config, build_model(**arch),
-                     torch.zeros(1, spec.channels, spec.height, spec.width))
+        reach = check_target(recipe.stages[first].config, build_model(**arch),
+                             torch.zeros(1, spec.channels, spec.height, spec.width))
     except PlanError as exc:
         raise PlanError(f"stages[{first}].prune: {exc}") from None
+    return first, reach
 
 
 def check_exports(recipe: Recipe, devices: list[DeviceProfile] = ()) -> None:
@@ -399,7 +422,6 @@ class Runner:
         from rich.markup import escape
 
         from rescompress.bench.device_latency import DeviceLatency, latency_input
-        from rescompress.bench.latency import measure_latency
         from rescompress.train import progress_bar
 
         spec = self.data.input_spec

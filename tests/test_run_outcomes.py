@@ -158,3 +158,19 @@ def test_the_pipeline_records_a_lint_crash(tmp_path, monkeypatch):
     assert onnx["lint_checked"]["onnxruntime"]["status"] == "crashed"
     assert any(f["rule"] == "lint-crashed" for f in onnx["lint"])
     assert "onnxruntime: CRASHED" in (run_dir / "report.md").read_text()
+
+
+def test_a_shadowing_local_profile_is_printed_before_the_plan(tmp_path, monkeypatch):
+    import shutil
+
+    from rescompress.devices import BUILTIN_DIR
+
+    (tmp_path / "devices").mkdir()
+    shutil.copyfile(BUILTIN_DIR / "host-cpu.yaml", tmp_path / "devices" / "host-cpu.yaml")
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", _tiny())
+    result = CliRunner().invoke(app, ["run", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: device 'host-cpu': using" in text and "shadows the built-in profile" in text
+    assert text.index("warning:") < text.index("plan is valid")

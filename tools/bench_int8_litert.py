@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rescompress.bench.int8 import bench_model, int8_bench_args
-from rescompress.bench.latency import provenance
+from rescompress.bench.latency import cpu_int8_flags, provenance
 from rescompress.bench.paired import time_paired
 from rescompress.compress import pt2e
 from rescompress.compress.schemes import ResNetQuantizer
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['speedup_vs_fp32']:.2f}x", f"{row['size_bytes'] / 1e6:.2f}", verdict)
     Console().print(table)
     result = {"model": args.model, "size": args.size, "threads": args.threads, "runs": args.runs,
-              "rounds": args.rounds, "results": rows, "cpu_flags": _cpu_flags(),
+              "rounds": args.rounds, "results": rows, "cpu_flags": cpu_int8_flags(),
               "provenance": {**provenance(), "ai_edge_litert": litert_version(),
                              "litert_torch": dist_version("litert-torch")}}
     console.print(f"wrote {atomic_write_json(args.out, result)}")
@@ -130,17 +130,6 @@ def _how(name: str) -> str:
     if name == REFERENCE:
         return "PTQ, litert_torch PT2EQuantizer (symmetric, per-channel, static)"
     return f"PTQ, rescompress ResNetQuantizer scheme {name.removeprefix('int8-')}"
-
-
-def _cpu_flags() -> list[str] | None:
-    """The SIMD extensions XNNPACK's int8 kernels dispatch on; None where /proc/cpuinfo is unreadable."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="ignore")
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith(("flags", "Features"))), [])
-    return sorted(f for f in set(flags) if f in ("avx2", "avx_vnni", "asimddp", "i8mm") or f.startswith("avx512"))
 
 
 if __name__ == "__main__":

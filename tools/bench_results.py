@@ -68,7 +68,8 @@ def file_provenance(data: dict) -> dict:
     flags = p.get("cpu_flags", data.get("cpu_flags"))
     measured = p.get("measured")
     return {"date": str(measured)[:10] if measured else None, "cpu": p.get("processor"), "cores": p.get("cpu_count"),
-            "memory_bytes": p.get("memory_bytes"), "simd": None if flags is None else sorted(flags),
+            "memory_bytes": p.get("memory_bytes"),
+            "simd": None if flags is None else sorted(flags.split() if isinstance(flags, str) else flags),
             "platform": p.get("platform"), "python": p.get("python"),
             "software": {k: str(v) for k, v in p.items() if k not in _NOT_SOFTWARE and v}}
 

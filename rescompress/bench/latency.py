@@ -11,6 +11,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
@@ -95,8 +96,30 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_int8_flags() -> Optional[list[str]]:
+    """This host's SIMD extensions that int8 kernels dispatch on (AVX2/AVX-512/VNNI/AMX on x86, dot-product
+    and i8mm on Arm); None where /proc/cpuinfo cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith(("flags", "Features"))), [])
+    return sorted(f for f in set(flags) if f in ("avx2", "fma", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+                  or f.startswith("avx512"))
+
+
+def _memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def provenance() -> dict:
-    """Versions and host facts printed beside every measured number."""
+    """Versions and host facts printed beside every measured number, and when they were taken."""
+    from datetime import datetime, timezone
+
     from importlib import metadata
 
     def version(dist: str) -> Optional[str]:
@@ -113,6 +136,9 @@ def provenance() -> dict:
         "platform": platform.platform(),
         "processor": _cpu_name(),
         "cpu_count": host_threads(),
+        "cpu_flags": " ".join(flags) if (flags := cpu_int8_flags()) is not None else None,
+        "memory_bytes": _memory_bytes(),
+        "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{name: version(dist) for name, dist in [("torch", "torch"), ("onnxruntime", "onnxruntime"), ("onnx", "onnx"),
                                                    ("numpy", "numpy"), ("torchao", "torchao"),
                                                    ("torch_pruning", "torch-pruning")]},
