@@ -41,6 +41,7 @@ class Plan:
     weights_note: str = ""
     source: Optional[Path] = None
     warnings: list[str] = field(default_factory=list)  # printed before the plan (e.g. a shadowed device profile)
+    prune_reach: Optional[tuple[int, Any]] = None  # (index, TargetReach) of the first prune stage: what it reaches
 
     @property
     def steps(self) -> list[str]:
@@ -59,7 +60,7 @@ class Plan:
         base = f"train {r.train.epochs} epochs" if r.train.epochs else "evaluate only (train.epochs: 0)"
         lines.append("steps")
         lines.append(f"  baseline          {base}, freeze {r.model.freeze}")
-        prune_target = _check_prune_target(r, self.arch, d.input_spec)  # what the first prune target reaches
+        prune_target = self.prune_reach
         for i, s in enumerate(r.stages):
             lines.append(f"  {stage_step(i, s.kind):<17} {json.dumps(s.config.model_dump(mode='json'))}")
             if prune_target is not None and prune_target[0] == i:
@@ -104,13 +105,13 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
     if arch["in_channels"] != data.input_spec.channels:
         raise WeightsError(f"model.in_channels is {arch['in_channels']} but the data has {data.input_spec.channels} "
                            f"channels; set data.channels: {arch['in_channels']} or drop model.in_channels")
-    _check_prune_target(recipe, arch, data.input_spec)
+    prune_reach = _check_prune_target(recipe, arch, data.input_spec)
     note = ""
     if recipe.model.weights:
         report = load_weights(build_model(**arch), recipe.model.weights, model_name=arch["name"])
         note = report.note or f"{report.loaded} tensors fit"
     return Plan(recipe=recipe, data=data, arch=arch, devices=devices, weights_note=note, source=source,
-                warnings=shadowed)
+                warnings=shadowed, prune_reach=prune_reach)
 
 
 def load_devices(names: list[str]) -> tuple[list[DeviceProfile], list[str]]:
