@@ -440,7 +440,7 @@ def merge(sweep: Sweep) -> dict:
     front over all of them and the fastest within the accuracy budget; written to the sweep directory.
     Each artifact's Δ top-1 (test and val) is against its own trial's baseline; every distinct baseline is a
     stage (`baseline`, then `t001/baseline`, ...), shared by the trials that reused it from the cache."""
-    from rescompress.pipeline import recommend
+    from rescompress.pipeline import delta_pt, recommend
     from rescompress.report import SCHEMA_VERSION, load_report, write_report
     from rescompress.rundir import now
 
@@ -473,8 +473,8 @@ def merge(sweep: Sweep) -> dict:
                                         | {"results": []})
             for r in d["results"]:  # each artifact against its own trial's baseline
                 merged["results"].append({**r, "artifact": f"{tid}/{r['artifact']}",
-                                          "delta_top1_pt": _delta_pt(r.get("top1"), base["top1"]),
-                                          "delta_val_top1_pt": _delta_pt(r.get("val_top1"), base.get("val_top1"))})
+                                          "delta_top1_pt": delta_pt(r.get("top1"), base["top1"]),
+                                          "delta_val_top1_pt": delta_pt(r.get("val_top1"), base.get("val_top1"))})
     for sha, b in baselines.items():
         b["notes"] = [f"the baseline of {'; '.join(f'{t.id} ({t.label})' for t in users[sha])}", *b.get("notes", [])]
     for d in devices.values():
@@ -501,10 +501,6 @@ def _baseline_sha(sweep_dir: Path, tid: str) -> Optional[str]:
     except ResumeError:
         return None
     return (done or {}).get("sha256")
-
-
-def _delta_pt(top1: Optional[float], baseline_top1: Optional[float]) -> Optional[float]:
-    return None if top1 is None or baseline_top1 is None else round((top1 - baseline_top1) * 100, 3)
 
 
 def _under(tid: str, path: Optional[str]) -> Optional[str]:

@@ -76,7 +76,7 @@ def test_unreachable_device_is_a_status_and_the_report_is_written(tmp_path):
     assert "unreachable" in by_name["pi-offline"]["provenance"]["connection"]
 
     md = (run_dir / "report.md").read_text()
-    assert "estimated (arm-cortex-a-cpu)" in md and "measured-remote failed (unreachable)" in md
+    assert "estimated (arm-cortex-a-cpu; unchecked)" in md and "measured-remote failed (unreachable)" in md
     assert "leave-one-out" in md and "NetsPresso" in md
     for device in report["devices"]:  # every latency says where it came from
         for r in device["results"]:
@@ -145,4 +145,6 @@ def test_the_report_names_each_profile_file_and_labels_unchecked_estimates(tmp_p
     lat = {r["artifact"]: r for r in by_name["my-pi"]["results"]}["onnx-fp32"]["latency"]
     assert lat["source"] == "estimated" and lat["p50_ms"] > 0
     assert "check_max_abs_error_pct" not in lat and lat["check"].startswith("unchecked: no published figure")
-    assert "estimated (arm-cortex-a-cpu)" in (run_dir / "report.md").read_text()
+    md = (run_dir / "report.md").read_text()
+    assert "estimated (arm-cortex-a-cpu; unchecked)" in md
+    assert f"{mine.resolve()} (sha256 {hashlib.sha256(mine.read_bytes()).hexdigest()[:12]}…, not a built-in profile)" in md
