@@ -3,7 +3,8 @@
 `make_plan` checks everything that can be checked without training (files, weights, stage order, targets,
 devices). `run` executes the plan in a run directory; every finished step is recorded in `manifest.json`
 with its checkpoint and content hash, so `resume` continues after the last finished training step (and
-mid-step from the per-epoch training state); export, measure and report always run again on resume.
+mid-step from the per-epoch training state), keeps the exports whose files still match their hash, and
+measures and reports again.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from rescompress.rundir import Manifest, load_checkpoint, new_run_dir, now, save
 from rescompress.stages import STAGES
 
 RESOLVED = "recipe.yaml"
-# what --resume does after the training steps: they take seconds to minutes, so they are not cached
-RESUME_REDOES = ("finished training steps are loaded from their hash-checked checkpoints; export, measure and "
-                 "report always run again (the artifacts and the report are rewritten from those checkpoints)")
+# what --resume does with each kind of step
+RESUME_REDOES = ("finished training steps are loaded from their hash-checked checkpoints and finished exports are "
+                 "kept when their files' hashes match (a failed or changed one is exported again); measure and "
+                 "report always run again")
 
 
 @dataclass
@@ -336,10 +338,16 @@ class Runner:
             artifacts.append(art)
         out_dir = self.run_dir / "artifacts"
         out_dir.mkdir(exist_ok=True)
+        kept = self.kept_exports()
         for entry in self.recipe.export:
             target = TARGETS.get(entry.target)
             family = target.source(entry.config)
             step, source = sources[family]
+            if entry.name in kept:
+                artifacts.append(kept[entry.name])
+                self.console.print(f"[dim]{entry.name}: exported earlier, kept ({kept[entry.name].path.name}, "
+                                   f"hash checked)[/dim]")
+                continue
             self.console.print(f"exporting {entry.name} from {step} ...")
             t0 = time.time()
             path = out_dir / f"{entry.name}{target.suffix}"
@@ -398,10 +406,32 @@ class Runner:
                 self.console.print("    " + escape(f"{f['rule']} [{f['node']}]: {f['message']}{fix}"), soft_wrap=True)
 
     def index(self, artifacts: list) -> dict:
-        """Path, hash and status of every artifact, for the manifest."""
+        """Path, hash and status of every artifact, for the manifest, with the record a resumed run rebuilds an
+        export from (`kept_exports`)."""
         return {a.name: {"path": str(a.path.relative_to(self.run_dir)) if a.path else None,
                          "sha256": sha256(a.path) if a.path and a.path.exists() else None,
-                         "status": a.status} for a in artifacts}
+                         "status": a.status,
+                         **({} if a.target == "torch" else {"record": {**a.to_report(), "reference": a.reference}})}
+                for a in artifacts}
+
+    def kept_exports(self) -> dict:
+        """On resume, the exports a finished export step wrote (ok or deferred) whose file still has the hash
+        it was written with, by name; a failed, missing or changed one is exported again."""
+        from rescompress.export import TARGETS, Artifact
+
+        done = self.manifest.done("export")
+        kept = {}
+        for name, entry in ((done or {}).get("artifacts") or {}).items():
+            record, path = entry.get("record"), self.run_dir / entry["path"] if entry.get("path") else None
+            if record is None or entry["status"] not in ("ok", "deferred") or path is None:
+                continue
+            if not path.is_file() or sha256(path) != entry["sha256"]:
+                self.console.print(f"[yellow]{name}: {entry['path']} is not the file exported earlier; "
+                                   f"exporting it again[/yellow]")
+                continue
+            reload = TARGETS.get(record["target"]).reload(record.get("details") or {})
+            kept[name] = Artifact.from_record(record, path, reload if entry["status"] == "ok" else None)
+        return kept
 
     def _failed_export(self, entry: Any, path: Path, from_stage: str, exc: Exception) -> Any:
         import traceback

@@ -108,9 +108,17 @@ def test_resume_skips_finished_steps_and_rejects_tampering(tmp_path, console):
     plan, _, manifest = prepare_resume(run_dir)
     again = execute(plan, run_dir, manifest, console)
     assert (run_dir / "checkpoints/00-baseline.pt").stat().st_mtime_ns == before
-    # as documented (pipeline.RESUME_REDOES): training steps are kept, export and measurement run again
-    assert (run_dir / "artifacts/onnx-fp32.onnx").stat().st_mtime_ns != exported
-    assert "export, measure and report always run again" in RESUME_REDOES
+    # as documented (pipeline.RESUME_REDOES): finished exports are kept when their hash matches ...
+    assert (run_dir / "artifacts/onnx-fp32.onnx").stat().st_mtime_ns == exported
+    assert again["artifacts"] == report["artifacts"] and "finished exports are kept" in RESUME_REDOES
+    # ... and exported again when the file changed
+    onnx_file = run_dir / "artifacts/onnx-fp32.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    plan, _, manifest = prepare_resume(run_dir)
+    third = execute(plan, run_dir, manifest, console)
+    assert onnx_file.stat().st_mtime_ns != exported
+    assert next(a for a in third["artifacts"] if a["name"] == "onnx-fp32")["status"] == "ok"
+    assert third["artifacts"][1]["top1"] == report["artifacts"][1]["top1"]
     assert again["stages"][0]["top1"] == report["stages"][0]["top1"]
 
     with (run_dir / "checkpoints/01-finetune.pt").open("ab") as f:

@@ -174,3 +174,21 @@ def test_a_shadowing_local_profile_is_printed_before_the_plan(tmp_path, monkeypa
     text = " ".join(result.output.split())
     assert "warning: device 'host-cpu': using" in text and "shadows the built-in profile" in text
     assert text.index("warning:") < text.index("plan is valid")
+
+
+def test_resume_keeps_the_exports_and_runs_them_as_exported(tensorrt_run):
+    """The unfused QDQ reference and the deferred engine come back from the manifest with the same runner
+    and details: the resumed report's accuracy figures are the first run's."""
+    from rich.console import Console
+
+    from rescompress.pipeline import prepare_resume
+
+    report, run_dir = tensorrt_run
+    files = {p.name: p.stat().st_mtime_ns for p in (run_dir / "artifacts").iterdir()}
+    plan, _, manifest = prepare_resume(run_dir)
+    again = execute(plan, run_dir, manifest, Console(quiet=True))
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "artifacts").iterdir()} == files
+    before, after = ({a["name"]: a for a in r["artifacts"]} for r in (report, again))
+    for name in ("onnx-int8", "tensorrt-int8"):
+        for key in ("status", "runtime", "top1", "val_top1", "top1_source", "parity", "lint_checked", "details"):
+            assert after[name][key] == before[name][key], (name, key)

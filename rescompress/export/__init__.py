@@ -31,6 +31,9 @@ class TargetSpec:
     requires: Callable[[BaseModel], Optional[tuple[str, str]]] = lambda cfg: None
     # the int8 schemes (qat/ptq layouts) whose model this target can ship as int8
     schemes: tuple[str, ...] = ("tensorrt", "onnxruntime", "tflite")
+    # the `load_runner` of a file this target wrote, from the artifact's recorded `details` (None: nothing to
+    # run, e.g. a deferred engine): how a resumed run uses an export it keeps
+    reload: Callable[[dict], Optional[Callable]] = lambda details: None
 
 
 TARGETS: Registry[TargetSpec] = Registry("export target")

@@ -84,6 +84,17 @@ class Artifact:
         shutil.copyfile(self.path, dest)
         return dest
 
+    @classmethod
+    def from_record(cls, record: dict, path: Optional[Path], load_runner: Optional[Callable] = None) -> "Artifact":
+        """The artifact a `record` (`to_report()` plus `reference`) describes, its file at `path`."""
+        return cls(name=record["name"], target=record["target"], precision=record["precision"], path=path,
+                   input_spec=InputSpec.from_dict(record["input_spec"]), runtime=record.get("runtime") or "",
+                   status=record["status"], message=record.get("message") or "",
+                   from_stage=record.get("from_stage") or "", reference=record.get("reference") or "",
+                   accuracy_only=record.get("accuracy_only") or "", load_runner=load_runner,
+                   lint=list(record.get("lint") or []), lint_checked=dict(record.get("lint_checked") or {}),
+                   details=dict(record.get("details") or {}))
+
     def to_report(self) -> dict:
         return {
             "name": self.name,

@@ -110,5 +110,11 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
                     accuracy_only=accuracy_only, details=details)
 
 
+def _reload(details: dict) -> Callable:
+    """The runner of an ONNX this target wrote: fused, except a QDQ graph in another runtime's layout."""
+    return ort_runner if details.get("scheme") in (None, "onnxruntime") else partial(ort_runner, optimize=False)
+
+
 TARGETS.add("onnx", TargetSpec(name="onnx", config=OnnxConfig, export=export_onnx, precisions=("fp32", "int8"),
-                               suffix=".onnx", runtime="onnxruntime", summary="ONNX (opset >= 18) run in onnxruntime"))
+                               suffix=".onnx", runtime="onnxruntime", summary="ONNX (opset >= 18) run in onnxruntime",
+                               reload=_reload))

@@ -284,5 +284,6 @@ def engine_runner(path: Path, threads: Optional[int]) -> Callable[[np.ndarray], 
 TARGETS.add("tensorrt", TargetSpec(
     name="tensorrt", config=TensorRTConfig, export=export_tensorrt, precisions=("fp16", "int8"), suffix=".engine",
     runtime="tensorrt", extra="tensorrt", schemes=("tensorrt",),
+    reload=lambda details: engine_runner if details.get("tensorrt_version") else None,  # deferred: no engine
     summary="TensorRT engine (fp16, or strongly typed int8 QDQ), built here on a CUDA GPU or deferred to the "
             "device as a linted ONNX plus its trtexec command"))

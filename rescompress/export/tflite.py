@@ -322,6 +322,7 @@ TARGETS.add("tflite", TargetSpec(name="tflite", config=TFLiteConfig, export=expo
                                  summary="TFLite run in the LiteRT interpreter (litert-torch; converter onnx2tf needs "
                                          "rescompress[tensorflow])",
                                  extra="tflite", source=_source, requires=_requires,
+                                 reload=lambda details: partial(tflite_runner, nhwc=details.get("layout") == "nhwc"),
                                  # LiteRT int8 is int8 activations with any zero point: tensorrt's symmetric
                                  # layout is a special case; onnxruntime's uint8 activations are not
                                  schemes=("tflite", "tensorrt")))
