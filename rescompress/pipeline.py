@@ -531,8 +531,9 @@ class Runner:
         as one: TensorRT's own kernels round differently."""
         from rescompress.export.onnx import ort_runner, ort_version
 
-        where = (f"proxy: onnxruntime {ort_version()} on this host, unfused (Q/DQ as written), on the ONNX the "
-                 f"engine is built from (TensorRT not run)")
+        how = "unfused (Q/DQ as written)" if art.precision == "int8" else "graph optimisations off"
+        where = (f"proxy: onnxruntime {ort_version()} on this host, {how}, on the ONNX the engine is built from "
+                 f"(TensorRT not run)")
         try:
             run = ort_runner(art.path, None, optimize=False)
         except Exception as exc:
