@@ -613,15 +613,16 @@ def step_times(steps: dict) -> list[dict]:
 
 
 def lint_targets(art: Any, devices: list[DeviceProfile]) -> list[str]:
-    """The runtimes an artifact's file is checked for: its own (unless it is only an accuracy reference),
-    and TensorRT for an int8 ONNX in TensorRT's layout or when a device of the recipe runs TensorRT."""
+    """The runtimes an artifact's file is checked for: the ones that will run it. Its own (unless it is only an
+    accuracy reference), and TensorRT for an int8 ONNX in TensorRT's layout (the graph an engine is built
+    from). An ONNX in another int8 layout is not for TensorRT, even when a device of the recipe runs TensorRT:
+    it runs there in onnxruntime, and a TensorRT export of it is refused when the run is planned."""
     if art.target == "tflite":
         return ["tflite"]
     if art.target != "onnx":
         return []
     targets = [] if art.accuracy_only else ["onnxruntime"]
-    if art.precision == "int8" and (art.details.get("scheme") == "tensorrt"
-                                    or any("tensorrt" in d.runtimes for d in devices)):
+    if art.precision == "int8" and art.details.get("scheme") == "tensorrt":
         targets.append("tensorrt")
     return targets
 

@@ -69,20 +69,41 @@ def test_a_deferred_engine_is_not_a_failure(tensorrt_run):
     assert failures(report) == []
 
 
-def test_a_lint_error_ends_the_run_with_exit_1_and_a_full_report(tmp_path):
-    """An int8 ONNX in onnxruntime's layout, for a recipe that also lists a Jetson: the TensorRT lint of that
-    file finds asymmetric activations, a real error."""
-    data = _tiny(stages=[{"ptq": {"scheme": "onnxruntime", "calibration_batches": 2}}],
-                 export=[{"onnx": {"precision": "int8"}}], devices=["host-cpu", "jetson-orin-nano"])
-    recipe = write_recipe(tmp_path / "r.yaml", data)
+def test_a_lint_error_ends_the_run_with_exit_1_and_a_full_report(tmp_path, monkeypatch):
+    """The onnxruntime lint finds an int8 layer it cannot fuse (injected as the lint's own finding: the run's
+    handling of a lint error is under test; the rules have their tests in test_lint.py)."""
+    import rescompress.export.lint as lint
+
+    real = lint.lint_file
+
+    def with_an_error(path, target, *args, **kwargs):
+        result = real(path, target, *args, **kwargs)
+        result.findings.append(lint.Finding("ort-unfused", "error", "/layer1/Conv", "left in float", "fuse it"))
+        return result
+
+    monkeypatch.setattr(lint, "lint_file", with_an_error)
+    recipe = write_recipe(tmp_path / "r.yaml", _tiny(train={"epochs": 1, "batch_size": 64, "lr": 0.05}))
     result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "runs")])
     assert result.exit_code == 1, result.output
     (run_dir,) = (tmp_path / "runs").iterdir()
     report = json.loads((run_dir / "report.json").read_text())
     validate_report(report)
     assert (run_dir / "report.md").is_file() and (run_dir / "report.html").is_file()
-    assert "failure(s)" in result.output and "onnx-int8: tensorrt lint" in result.output
-    assert any("tensorrt lint" in line and "trt-int8-zero-point" in line for line in failures(report))
+    assert "failure(s)" in result.output and "onnx-fp32: onnxruntime lint: 1 error(s) (ort-unfused)" in result.output
+    assert failures(report) == ["onnx-fp32: onnxruntime lint: 1 error(s) (ort-unfused)"]
+
+
+def test_an_int8_onnx_in_onnxruntimes_layout_is_not_judged_as_a_tensorrt_file(tmp_path):
+    """A recipe that lists a Jetson and ships onnxruntime's int8 layout: the file runs in onnxruntime (on the
+    host and on the Jetson's CPU), so it is linted for onnxruntime only, and the run succeeds."""
+    data = _tiny(stages=[{"ptq": {"scheme": "onnxruntime", "calibration_batches": 2}}],
+                 export=[{"onnx": {"precision": "int8"}}], devices=["host-cpu", "jetson-orin-nano"])
+    result = CliRunner().invoke(app, ["run", str(write_recipe(tmp_path / "r.yaml", data)), "--out",
+                                      str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    onnx = next(a for a in json.loads((run_dir / "report.json").read_text())["artifacts"] if a["name"] == "onnx-int8")
+    assert list(onnx["lint_checked"]) == ["onnxruntime"] and onnx["lint_checked"]["onnxruntime"]["passed"]
 
 
 def test_a_failed_export_ends_the_run_with_exit_1_and_a_full_report(tmp_path, monkeypatch):
