@@ -22,6 +22,17 @@ def _tiny(**changes) -> dict:
     return data
 
 
+ONE_EPOCH = {"epochs": 1, "batch_size": 64, "lr": 0.05}
+
+
+def _cli_run(tmp_path, data: dict):
+    """`rescompress run` of `data` through the CLI: its result, run directory and report.json."""
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "runs")])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return result, run_dir, json.loads((run_dir / "report.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def tensorrt_run(tmp_path_factory):
     """One run of a PTQ model in TensorRT's layout, exported as an int8 ONNX and as a (deferred) TensorRT
@@ -82,11 +93,8 @@ def test_a_lint_error_ends_the_run_with_exit_1_and_a_full_report(tmp_path, monke
         return result
 
     monkeypatch.setattr(lint, "lint_file", with_an_error)
-    recipe = write_recipe(tmp_path / "r.yaml", _tiny(train={"epochs": 1, "batch_size": 64, "lr": 0.05}))
-    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "runs")])
+    result, run_dir, report = _cli_run(tmp_path, _tiny(train=ONE_EPOCH))
     assert result.exit_code == 1, result.output
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    report = json.loads((run_dir / "report.json").read_text())
     validate_report(report)
     assert (run_dir / "report.md").is_file() and (run_dir / "report.html").is_file()
     assert "failure(s)" in result.output and "onnx-fp32: onnxruntime lint: 1 error(s) (ort-unfused)" in result.output
@@ -98,11 +106,9 @@ def test_an_int8_onnx_in_onnxruntimes_layout_is_not_judged_as_a_tensorrt_file(tm
     host and on the Jetson's CPU), so it is linted for onnxruntime only, and the run succeeds."""
     data = _tiny(stages=[{"ptq": {"scheme": "onnxruntime", "calibration_batches": 2}}],
                  export=[{"onnx": {"precision": "int8"}}], devices=["host-cpu", "jetson-orin-nano"])
-    result = CliRunner().invoke(app, ["run", str(write_recipe(tmp_path / "r.yaml", data)), "--out",
-                                      str(tmp_path / "runs")])
+    result, _, report = _cli_run(tmp_path, data)
     assert result.exit_code == 0, result.output
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    onnx = next(a for a in json.loads((run_dir / "report.json").read_text())["artifacts"] if a["name"] == "onnx-int8")
+    onnx = next(a for a in report["artifacts"] if a["name"] == "onnx-int8")
     assert list(onnx["lint_checked"]) == ["onnxruntime"] and onnx["lint_checked"]["onnxruntime"]["passed"]
 
 
@@ -117,11 +123,8 @@ def test_a_failed_export_ends_the_run_with_exit_1_and_a_full_report(tmp_path, mo
         raise RuntimeError("the exporter met an operator it does not know")
 
     monkeypatch.setitem(TARGETS._items, "onnx", dataclasses.replace(TARGETS.get("onnx"), export=broken))
-    recipe = write_recipe(tmp_path / "r.yaml", _tiny(train={"epochs": 1, "batch_size": 64, "lr": 0.05}))
-    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "runs")])
+    result, run_dir, report = _cli_run(tmp_path, _tiny(train=ONE_EPOCH))
     assert result.exit_code == 1, result.output
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    report = json.loads((run_dir / "report.json").read_text())
     validate_report(report)
     onnx = next(a for a in report["artifacts"] if a["name"] == "onnx-fp32")
     assert onnx["status"] == "failed" and "operator it does not know" in onnx["message"]
@@ -130,8 +133,7 @@ def test_a_failed_export_ends_the_run_with_exit_1_and_a_full_report(tmp_path, mo
 
 
 def test_a_run_where_everything_worked_exits_0(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", _tiny(train={"epochs": 1, "batch_size": 64, "lr": 0.05}))
-    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "runs")])
+    result, _, _ = _cli_run(tmp_path, _tiny(train=ONE_EPOCH))
     assert result.exit_code == 0, result.output
     assert "failure(s)" not in result.output
 
@@ -170,11 +172,8 @@ def test_the_pipeline_records_a_lint_crash(tmp_path, monkeypatch):
         raise ValueError("the graph could not be read")
 
     monkeypatch.setattr(lint, "lint_file", crash)
-    recipe = write_recipe(tmp_path / "r.yaml", _tiny(train={"epochs": 1, "batch_size": 64, "lr": 0.05}))
-    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "runs")])
+    result, run_dir, report = _cli_run(tmp_path, _tiny(train=ONE_EPOCH))
     assert result.exit_code == 1, result.output
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    report = json.loads((run_dir / "report.json").read_text())
     onnx = next(a for a in report["artifacts"] if a["name"] == "onnx-fp32")
     assert onnx["lint_checked"]["onnxruntime"]["status"] == "crashed"
     assert any(f["rule"] == "lint-crashed" for f in onnx["lint"])
