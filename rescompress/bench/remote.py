@@ -198,14 +198,12 @@ def _check_args(runtime: str, batch: int, warmup: int, runs: int, threads: Optio
 def _target(ssh: "SSHConnection", host: Optional[str]) -> _Target:
     """The ssh target, with `host` ("user@addr" or "addr") overriding the profile's host and user; an
     `InvalidDestination` for a user or host that is not one, before anything runs."""
-    if host is not None:
+    if host is not None:  # parse_host checks what --host gives; the profile supplies the rest
         given_user, addr = parse_host(host)
         user = given_user if given_user is not None else ssh.user
-        check_destination(user, addr, user_from="--host" if given_user is not None else "connection.ssh.user",
-                          host_from="--host")
     else:
         user, addr = ssh.user, ssh.host
-        check_destination(user, addr)
+    check_destination(user, addr)  # again right before ssh: a connection may have been built unvalidated
     known = ssh.known_hosts or "~/.ssh/known_hosts"
     return _Target(addr=addr, user=user, port=ssh.port,
                    key=os.path.expanduser(ssh.key) if ssh.key else None,
