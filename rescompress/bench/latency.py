@@ -11,7 +11,6 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
@@ -99,13 +98,12 @@ def _cpu_name() -> str:
 def cpu_int8_flags() -> Optional[list[str]]:
     """This host's SIMD extensions that int8 kernels dispatch on (AVX2/AVX-512/VNNI/AMX on x86, dot-product
     and i8mm on Arm); None where /proc/cpuinfo cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="ignore")
-    except OSError:
+    from rescompress.devices import host_cpu
+
+    flags = host_cpu().isa
+    if flags is None:
         return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith(("flags", "Features"))), [])
-    return sorted(f for f in set(flags) if f in ("avx2", "fma", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+    return sorted(f for f in flags if f in ("avx2", "fma", "avx_vnni", "amx_int8", "asimddp", "i8mm")
                   or f.startswith("avx512"))
 
 

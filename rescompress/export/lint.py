@@ -415,12 +415,10 @@ def u8s8_saturates(cpu: "CPUFeatures") -> Optional[bool]:
     kernels accumulate in int32 too: UDOT/SDOT with the dot-product instructions (asimddp); without them, pairs
     of 8-bit products that fit int16 for weights in [-127, 127], the range every int8 scheme here uses.
     """
-    from rescompress.devices import INT8_DOT_FEATURES
-
     if cpu.arch == "arm64":
         return False
-    if cpu.arch == "x86_64" and cpu.isa is not None:
-        return not any(f in cpu.isa for f in INT8_DOT_FEATURES["x86_64"])
+    if cpu.arch == "x86_64" and cpu.int8_dot is not None:
+        return not cpu.int8_dot
     return None
 
 
