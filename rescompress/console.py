@@ -1,11 +1,29 @@
-"""A terminal console that also appends everything it prints to a run's log file."""
+"""A terminal console that also appends everything it prints to a run's log file, and quieting a library's
+loggers for the length of one call."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
+
+
+@contextlib.contextmanager
+def loggers_at(level: int, *names: str) -> Iterator[None]:
+    """The named loggers at `level` inside the block, and at the levels they had again after it (also when
+    it raises): a backend's chatter is quieted for one call, never for the process."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(level)
+        yield
+    finally:
+        for logger, was in zip(loggers, before):
+            logger.setLevel(was)
 
 
 class TeeConsole(Console):

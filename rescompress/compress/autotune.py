@@ -10,9 +10,8 @@ report says so. Needs the `inc` extra (neural-compressor-pt).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from rescompress.errors import BackendMissingError
 
@@ -64,21 +63,10 @@ def candidates(model: Any, observer: str) -> list[Candidate]:
     return out
 
 
-@contextlib.contextmanager
-def _quiet_tuner() -> Iterator[None]:
-    """neural-compressor logs every configuration it tries at INFO; inside the block it logs warnings only,
-    and its logger's level is back to what it was after (the process's own logging is left as it is)."""
-    logger = logging.getLogger("neural_compressor")
-    before = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
-
-
 def autotune(model: Any, cfg: Any, ctx: Any, scheme: str) -> Any:
-    with _quiet_tuner():
+    from rescompress.console import loggers_at
+
+    with loggers_at(logging.WARNING, "neural_compressor"):  # it logs every configuration it tries at INFO
         return _autotune(model, cfg, ctx, scheme)
 
 

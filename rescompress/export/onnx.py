@@ -76,17 +76,14 @@ def export_onnx(model, example, cfg: OnnxConfig, out_path: Path, *, spec, from_s
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if cfg.dynamic_batch else None
 
     def write(tmp: Path) -> None:
-        quiet = io.StringIO()
-        level = logging.getLogger("torch.onnx").level
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        try:
-            with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=cfg.opset,
-                                  input_names=["input"], output_names=["logits"], dynamic_shapes=dynamic,
-                                  external_data=False, verbose=False)
-        finally:
-            logging.getLogger("torch.onnx").setLevel(level)
+        from rescompress.console import loggers_at
+
+        with loggers_at(logging.ERROR, "torch.onnx"), contextlib.redirect_stdout(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=cfg.opset,
+                              input_names=["input"], output_names=["logits"], dynamic_shapes=dynamic,
+                              external_data=False, verbose=False)
         _strip_node_metadata(tmp)
 
     runtime, runner, accuracy_only, details = f"onnxruntime {ort_version()}", ort_runner, "", {}

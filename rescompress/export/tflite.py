@@ -226,18 +226,12 @@ _CONVERTER_LOGGERS = ("litert_torch",)
 def quiet_converter():
     """The converters print progress trees and TensorFlow banners, and litert-torch logs each lowering step;
     a run's log keeps rescompress's lines. Inside the block only: the loggers' levels are restored after."""
-    loggers = [logging.getLogger(name) for name in _CONVERTER_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    sink = io.StringIO()
-    try:
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    from rescompress.console import loggers_at
+
+    with loggers_at(logging.ERROR, *_CONVERTER_LOGGERS), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def tflite_runner(path: Path, threads: Optional[int], *, nhwc: bool = False) -> Callable[[np.ndarray], np.ndarray]:
