@@ -1,9 +1,9 @@
 """Multi-process training under torchrun: `torchrun --nproc-per-node N -m rescompress run RECIPE`.
 
 torchrun starts N copies of the command with RANK, WORLD_SIZE and MASTER_ADDR/PORT set. Every rank runs the
-same pipeline steps on the same data: each training batch (same shuffle and augmentation on every rank) is
-split across the ranks, and the model is wrapped in DistributedDataParallel, which averages gradients and
-keeps buffers (BatchNorm statistics, int8 observers) in step with rank 0. Everything that is not training
+same pipeline steps on the same data: every rank draws the same global batch order, and each decodes and
+trains on its own share of every batch (`rank::world`). The model is wrapped in DistributedDataParallel,
+which averages gradients and keeps buffers (BatchNorm statistics, int8 observers) in step with rank 0. Everything that is not training
 (pruning analysis, calibration, conversion) is deterministic and runs on every rank alike.
 
 Only rank 0 writes: checkpoints, training state, the manifest, logs, and then exports, measures and reports
@@ -116,11 +116,3 @@ def sync_state(model: Any) -> None:
 
     for tensor in list(model.parameters()) + list(model.buffers()):
         dist.broadcast(tensor.data, src=0)
-
-
-def shard(x: Any, y: Any) -> tuple[Any, Any]:
-    """This rank's share of a batch that every rank drew alike."""
-    w = world()
-    if w.size <= 1:
-        return x, y
-    return x[w.rank::w.size], y[w.rank::w.size]

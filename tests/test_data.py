@@ -91,16 +91,6 @@ def test_resize_and_channels_and_stats(digits):
     assert digits.input_spec.mean[0] == pytest.approx(x.mean().item())
 
 
-def test_rgb_to_grey_is_luminance(tmp_path):
-    _write_folder(tmp_path, {"red": [(255, 0, 0)] * 3, "blue": [(0, 0, 255)] * 3})
-    grey = load_dataset(
-        "image_folder", root=str(tmp_path), image_size=4, channels=1, test_fraction=0.34, val_fraction=0.5
-    )
-    splits = (grey.train, grey.val, grey.test)
-    values = {grey.class_names[int(y)]: int(x.max()) for s in splits for x, y in zip(s.images, s.labels)}
-    assert values == {"red": 76, "blue": 29}
-
-
 # ---------------------------------------------------------------- input spec
 
 
@@ -129,22 +119,28 @@ def test_batches_shapes_dtypes_and_last_partial(digits):
     assert torch.equal(torch.cat([y for _, y in out]), digits.val.labels)
 
 
-def test_batches_deterministic_with_seeded_generator(digits):
-    def run(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(seed)
+def test_batches_deterministic_from_seed_and_epoch(digits):
+    def run(seed: int, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         augment = ("crop", "flip")
-        return list(batches(digits.train, digits.input_spec, 100, shuffle=True, generator=gen, augment=augment))
+        return list(batches(digits.train, digits.input_spec, 100, shuffle=True, seed=seed, epoch=epoch, augment=augment))
 
-    a, b, c = run(0), run(0), run(1)
+    a, b, c, d = run(0), run(0), run(1), run(0, epoch=1)
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
     assert not torch.equal(a[0][1], c[0][1])
+    assert not torch.equal(a[0][1], d[0][1])  # each epoch draws a new order
+
+
+def test_ranks_get_disjoint_shares_of_each_batch(digits):
+    whole = list(batches(digits.train, digits.input_spec, 64, shuffle=True, seed=3))
+    shares = [list(batches(digits.train, digits.input_spec, 64, shuffle=True, seed=3, rank=r, world=2)) for r in (0, 1)]
+    for (_, y), (_, y0), (_, y1) in zip(whole, *shares):
+        assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
 
 
 def test_augment_changes_pixels_not_shape(digits):
     plain = next(batches(digits.train, digits.input_spec, 256))[0]
     for aug in (("crop",), ("flip",)):
-        gen = torch.Generator().manual_seed(0)
-        x = next(batches(digits.train, digits.input_spec, 256, generator=gen, augment=aug))[0]
+        x = next(batches(digits.train, digits.input_spec, 256, seed=0, augment=aug))[0]
         assert x.shape == plain.shape and not torch.equal(x, plain)
     with pytest.raises(DataError, match="unknown augmentation"):
         next(batches(digits.train, digits.input_spec, 8, augment=("rotate",)))
@@ -153,7 +149,7 @@ def test_augment_changes_pixels_not_shape(digits):
 def test_crop_pads_with_zero_pixels():
     split = Split(torch.full((64, 1, 8, 8), 200, dtype=torch.uint8), torch.zeros(64, dtype=torch.int64))
     spec = InputSpec(channels=1, height=8, width=8, mean=(0.0,), std=(1.0,))
-    x = next(batches(split, spec, 64, generator=torch.Generator().manual_seed(0), augment=("crop",)))[0]
+    x = next(batches(split, spec, 64, seed=0, augment=("crop",)))[0]
     values = torch.unique(x)
     assert len(values) == 2 and values[0] == 0 and values[1] == pytest.approx(200 / 255)
     assert ((x == 0).flatten(1).sum(1) > 0).float().mean() > 0.5  # most images were shifted
@@ -263,64 +259,11 @@ def test_cifar10_missing_batch_and_unsafe_pickle(tmp_path):
         load_dataset("cifar10")
 
 
-# ---------------------------------------------------------------- image folders
-
-
-def _write_folder(root: Path, classes: dict[str, list[tuple[int, int, int]]], size: int = 6) -> None:
-    from PIL import Image
-
-    for name, colours in classes.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i, colour in enumerate(colours):
-            Image.new("RGB", (size + i, size), colour).save(root / name / f"{i}.png")
-
-
-def test_image_folder_flat_layout_is_split(tmp_path):
-    _write_folder(tmp_path, {"cat": [(200, 10, 10)] * 10, "dog": [(10, 10, 200)] * 10})
-    bundle = load_dataset("image_folder", root=str(tmp_path), image_size=8, test_fraction=0.2, val_fraction=0.25)
-    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (12, 4, 4)
-    assert bundle.class_names == ["cat", "dog"] and tuple(bundle.train.images.shape[1:]) == (3, 8, 8)
-    cat = bundle.train.images[bundle.train.labels == 0]
-    assert (cat[:, 0] == 200).all() and (cat[:, 2] == 10).all()
-
-
-def test_image_folder_split_layout(tmp_path):
-    colours = {"a": [(0, 0, 0)] * 4, "b": [(255, 255, 255)] * 4}
-    _write_folder(tmp_path / "train", colours)
-    _write_folder(tmp_path / "test", {"a": [(0, 0, 0)] * 2, "b": [(255, 255, 255)] * 3})
-    bundle = load_dataset("image_folder", root=str(tmp_path), image_size=5, channels=1, val_fraction=0.25)
-    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (6, 2, 5)
-    assert tuple(bundle.test.images.shape[1:]) == (1, 5, 5)
-    _write_folder(tmp_path / "val", {"b": [(255, 255, 255)]})
-    bundle = load_dataset("image_folder", root=str(tmp_path), image_size=5)
-    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (8, 1, 5)
-
-
-def test_image_folder_defaults_to_224(tmp_path):
-    _write_folder(tmp_path, {"a": [(1, 2, 3)] * 5, "b": [(4, 5, 6)] * 5})
-    bundle = load_dataset("image_folder", root=str(tmp_path), val_fraction=0.25)
-    assert tuple(bundle.train.images.shape[1:]) == (3, 224, 224)
-
-
-def test_image_folder_errors(tmp_path):
-    with pytest.raises(DataError, match="no class folders"):
-        load_dataset("image_folder", root=str(tmp_path), image_size=4)
-    (tmp_path / "empty").mkdir()
-    _write_folder(tmp_path, {"full": [(1, 1, 1)] * 3})
-    with pytest.raises(DataError, match=r"class folder .*empty has no images"):
-        load_dataset("image_folder", root=str(tmp_path), image_size=4)
-    (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"cannot read image .*broken.png"):
-        load_dataset("image_folder", root=str(tmp_path), image_size=4)
-    with pytest.raises(DataError, match="does not exist"):
-        load_dataset("image_folder", root=str(tmp_path / "missing"), image_size=4)
-
-
 # ---------------------------------------------------------------- registry
 
 
 def test_unknown_dataset_suggests_nearest():
-    assert set(DATASETS.names()) == {"cifar10", "digits", "fashion_mnist", "image_folder"}
+    assert set(DATASETS.names()) == {"cifar10", "digits", "fashion_mnist", "image_folder", "manifest"}
     with pytest.raises(UnknownNameError, match="did you mean 'digits'"):
         load_dataset("digit")
     with pytest.raises(DataError, match="takes no root"):

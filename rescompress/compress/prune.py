@@ -525,10 +525,9 @@ def _taylor_gradients(ctx: StageContext, batches_n: int) -> Callable[["nn.Module
 
         from rescompress.data import batches
 
-        generator = torch.Generator().manual_seed(ctx.seed + ctx.index)
         model.zero_grad(set_to_none=True)
         data = batches(ctx.data.train, ctx.data.input_spec, ctx.recipe.train.batch_size, shuffle=True,
-                       generator=generator)
+                       seed=ctx.seed + ctx.index)
         with _eval_mode(model), torch.enable_grad():
             for x, y in itertools.islice(data, batches_n):
                 F.cross_entropy(model(x), y).backward()

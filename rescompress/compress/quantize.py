@@ -150,8 +150,7 @@ def calibration_batches(cfg: PTQConfig, ctx: StageContext) -> Iterator["torch.Te
         for _ in range(cfg.calibration_batches):
             yield torch.randn(cfg.batch_size, spec.channels, spec.height, spec.width, generator=g)
         return
-    g = torch.Generator().manual_seed(ctx.seed + ctx.index)
-    for i, (x, _) in enumerate(batches(ctx.data.train, spec, cfg.batch_size, shuffle=True, generator=g)):
+    for i, (x, _) in enumerate(batches(ctx.data.train, spec, cfg.batch_size, shuffle=True, seed=ctx.seed + ctx.index)):
         if i >= cfg.calibration_batches:
             return
         yield x

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -51,16 +52,25 @@ class DatasetBundle:
     input_spec: InputSpec
     augmentations: tuple[str, ...]
     source: str
+    streaming: Optional[dict] = None  # on-disk sources: workers, index origin, skipped files, train transform
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
             "num_classes": self.num_classes,
             "input_spec": self.input_spec.to_dict(),
+            "eval_transform": self.input_spec.describe(),
             "augmentations": list(self.augmentations),
             "source": self.source,
+            "in_memory": self.streaming is None,
         }
+        if self.streaming is not None:
+            skipped = self.streaming["skipped"]
+            out["streaming"] = {**{k: v for k, v in self.streaming.items() if k != "skipped"},
+                                "skipped_files": len(skipped),
+                                "skipped_examples": [f"{p}: {e}" for p, e in list(skipped.items())[:10]]}
+        return out
 
 
 @dataclass
@@ -160,6 +170,62 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 # ---------------------------------------------------------------- assembly
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization(normalize: Any, channels: int, from_data: Any) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, origin) for `normalize`: "dataset" (computed by `from_data()`), "imagenet", or a
+    {mean, std} mapping."""
+    if normalize == "dataset":
+        return (*from_data(), "dataset")
+    if normalize == "imagenet":
+        if channels != 3:
+            raise DataError(f"data.normalize: imagenet needs RGB input (3 channels), the data has {channels}; "
+                            f"use dataset, or give mean and std")
+        return IMAGENET_MEAN, IMAGENET_STD, "imagenet"
+    if isinstance(normalize, dict) and set(normalize) == {"mean", "std"}:
+        mean, std = tuple(float(m) for m in normalize["mean"]), tuple(float(v) for v in normalize["std"])
+        if len(mean) != channels or len(std) != channels:
+            raise DataError(f"data.normalize needs {channels} mean and {channels} std values (one per channel), "
+                            f"got {len(mean)} and {len(std)}")
+        return mean, std, "recipe"
+    raise DataError(f"data.normalize must be auto, dataset, imagenet or {{mean: [...], std: [...]}}, got {normalize!r}")
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable from /proc/meminfo (or a cgroup limit, if lower)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (avail or 1 << 62):
+            avail = int(text)
+    return avail if avail is not None else 1 << 62
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_in_memory(name: str, images: int, channels: int, size: int) -> None:
+    """Refuse an in-memory dataset that would not fit, before anything is allocated (uint8 images at the
+    model input size, plus the float copies resizing and statistics make chunk by chunk)."""
+    need = images * channels * size * size + 4 * _CHUNK * channels * size * size * 2
+    free = available_memory()
+    if need > 0.8 * free:
+        raise DataError(f"dataset '{name}' at {size}x{size} with {channels} channel(s) would hold {images:,} images "
+                        f"in memory: about {_gib(need)}, but only {_gib(free)} is available. Lower data.image_size, "
+                        f"or use an on-disk source (image_folder or manifest), which streams from disk")
+
 
 def assemble(
     name: str,
@@ -171,6 +237,7 @@ def assemble(
     test_fraction: float,
     seed: int,
     limit_train: int | None,
+    normalize: Any = "dataset",
 ) -> DatasetBundle:
     """Turn a source's arrays into a bundle.
 
@@ -200,6 +267,9 @@ def assemble(
 
     native = raw.train[0].shape[1]
     target = channels or native
+    size = image_size or max(raw.train[0].shape[2:])
+    total = sum(len(a[1]) for a in (train, val, test))
+    check_in_memory(name, total, target, size)
 
     def prepare(arrays: tuple[np.ndarray, np.ndarray], split: str) -> Split:
         images, labels = arrays
@@ -218,8 +288,8 @@ def assemble(
         return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
 
     splits = {k: prepare(a, k) for k, a in (("train", train), ("val", val), ("test", test))}
-    mean, std = channel_stats(splits["train"].images)
     _, c, h, w = splits["train"].images.shape
+    mean, std, origin = normalization(normalize, c, lambda: channel_stats(splits["train"].images))
     return DatasetBundle(
         name=name,
         train=splits["train"],
@@ -227,7 +297,7 @@ def assemble(
         test=splits["test"],
         num_classes=num_classes,
         class_names=list(raw.class_names),
-        input_spec=InputSpec(channels=c, height=h, width=w, mean=mean, std=std),
+        input_spec=InputSpec(channels=c, height=h, width=w, mean=mean, std=std, normalization=origin),
         augmentations=tuple(raw.augmentations),
         source=raw.source,
     )
@@ -257,33 +327,92 @@ def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
 
 
-def batches(
+def draw_seed(*parts: int) -> int:
+    """One 63-bit seed from (seed, epoch, index, ...): every shuffle and augmentation draw is a function of
+    such a tuple, never of how many processes or workers produce the batches."""
+    import hashlib
+
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a permutation drawn from (seed, epoch), or 0..n-1."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(draw_seed(seed, epoch)))
+
+
+def check_batching(batch_size: int, augment: tuple[str, ...], known: tuple[str, ...]) -> None:
+    if batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size}")
+    unknown = [a for a in augment if a not in known]
+    if unknown:
+        raise DataError(f"unknown augmentation(s) {unknown}; known: {list(known)}")
+
+
+def rank_slice(idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of a global batch (every rank draws the same global order)."""
+    return idx if world <= 1 else idx[rank::world]
+
+
+def memory_batches(
     split: Split,
     spec: InputSpec,
     batch_size: int,
     *,
     shuffle: bool = False,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    epoch: int = 0,
     augment: tuple[str, ...] = (),
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float32 normalized images, int64 labels); the last partial batch is kept.
-
-    Shuffling and augmentation ("crop": zero-padded random crop, "flip": horizontal flip) draw from
-    `generator`, so a seeded generator gives the same batches every time.
-    """
-    if batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size}")
-    unknown = [a for a in augment if a not in AUGMENTATIONS]
-    if unknown:
-        raise DataError(f"unknown augmentation(s) {unknown}; known: {list(AUGMENTATIONS)}")
+    """Batches of an in-memory split: the order from (seed, epoch), each batch's augmentation from
+    (seed, epoch, batch start)."""
+    check_batching(batch_size, augment, AUGMENTATIONS)
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = epoch_order(n, shuffle, seed, epoch)
     pad = max(1, split.images.shape[2] // 8)
     for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
+        idx = rank_slice(order[start : start + batch_size], rank, world)
         x = split.images[idx]
-        if "crop" in augment:
-            x = random_crop(x, pad, generator)
-        if "flip" in augment:
-            x = random_flip(x, generator)
-        yield spec.normalize(x), split.labels[idx]
+        if augment:
+            g = torch.Generator().manual_seed(draw_seed(seed, epoch, start, rank))
+            if "crop" in augment:
+                x = random_crop(x, pad, g)
+            if "flip" in augment:
+                x = random_flip(x, g)
+        y = split.labels[idx]
+        if device is not None and torch.device(device).type != "cpu":
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield spec.normalize(x), y
+
+
+def batches(
+    split: Any,
+    spec: InputSpec,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    augment: tuple[str, ...] = (),
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float32 normalized images, int64 labels) on `device` (default: the CPU); the last partial batch
+    is kept.
+
+    The order (when `shuffle`) is drawn from (seed, epoch) and every augmentation draw from (seed, epoch,
+    sample or batch position): the same arguments give the same batches, whatever the number of loader
+    workers. With `world` > 1 each rank gets its share (`rank::world`) of every global batch, and an
+    on-disk split decodes only that share. In-memory splits know "crop" (zero-padded random crop) and
+    "flip"; on-disk splits also "random_resized_crop" and "color_jitter"."""
+    kwargs = dict(shuffle=shuffle, seed=seed, epoch=epoch, augment=tuple(augment), device=device, rank=rank,
+                  world=world)
+    if isinstance(split, Split):
+        return memory_batches(split, spec, batch_size, **kwargs)
+    return split.batches(spec, batch_size, **kwargs)

@@ -9,15 +9,24 @@ import codecs
 import gzip
 import pickle
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from rescompress.data.base import DatasetBundle, RawDataset, assemble
+import torch
+
+from rescompress.data.base import (DatasetBundle, RawDataset, _fraction_size, assemble, normalization,
+                                   stratified_split)
+from rescompress.data.files import (ON_CORRUPT, FileIndex, FileSplit, build_index, default_workers,
+                                    streaming_stats)
+from rescompress.data.spec import InputSpec
+from rescompress.data.transforms import DEFAULT_RATIO, DEFAULT_SCALE, EvalTransform, TrainTransform, eval_resize
 from rescompress.errors import DataError
 from rescompress.registry import Registry
 
-Loader = Callable[[str | None, int | None, int | None], RawDataset]  # (root, image_size, channels)
+# in memory: (root, image_size, channels) -> RawDataset; on disk (ON_DISK): (root, cache) -> (FileIndex, origin)
+Loader = Callable[..., Any]
 DATASETS: Registry[Loader] = Registry("dataset")
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -40,9 +49,19 @@ def load_dataset(
     test_fraction: float = 0.2,
     seed: int = 0,
     limit_train: int | None = None,
+    normalize: Any = "dataset",
+    options: StreamOptions | None = None,
 ) -> DatasetBundle:
-    """Load a registered dataset as uint8 train/val/test splits at the model input size."""
+    """Load a registered dataset: in memory as uint8 splits at the model input size (the small built-in
+    sources), or as splits that stream from disk (image folders and manifests). `normalize` is "dataset",
+    "imagenet" or {mean, std}; `options` tunes the on-disk sources."""
     loader = DATASETS.get(name)
+    if name in ON_DISK:
+        options = options or StreamOptions()
+        index, origin = loader(root, options.index_cache)
+        return stream_dataset(name, index, origin, image_size=image_size, channels=channels,
+                              val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                              limit_train=limit_train, normalize=normalize, options=options)
     raw = loader(root if root is not None else _DEFAULT_ROOTS.get(name), image_size, channels)
     return assemble(
         name,
@@ -53,6 +72,7 @@ def load_dataset(
         test_fraction=test_fraction,
         seed=seed,
         limit_train=limit_train,
+        normalize=normalize,
     )
 
 
@@ -227,73 +247,107 @@ def load_cifar10(root: str | None, image_size: int | None, channels: int | None)
     )
 
 
-# ---------------------------------------------------------------- image folders
+# ---------------------------------------------------------------- on disk: image folders and manifests
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DEFAULT_IMAGE_SIZE = 224
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _read_images(folder: Path, classes: list[str], size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """All images under folder/<class>/, converted to RGB or L and resized to size x size."""
-    from PIL import Image, UnidentifiedImageError
-
-    mode = "RGB" if channels == 3 else "L"
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for sub in _class_dirs(folder):
-        if sub.name not in classes:
-            raise DataError(f"class folder {sub} is not among the training classes {classes}")
-        files = _image_files(sub)
-        if not files:
-            raise DataError(f"class folder {sub} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    pixels = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BILINEAR))
-            except (OSError, UnidentifiedImageError) as e:
-                raise DataError(f"cannot read image {path}: {e}") from None
-            images.append(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
-            labels.append(classes.index(sub.name))
-    if not images:
-        raise DataError(f"no class folders with images in {folder} (expected {folder}/<class>/*.png|jpg|jpeg|bmp)")
-    return np.stack(images).astype(np.uint8), np.asarray(labels, dtype=np.int64)
-
-
 @DATASETS.register("image_folder")
-def load_image_folder(root: str | None, image_size: int | None, channels: int | None) -> RawDataset:
-    """root/<class>/*.png|jpg|jpeg|bmp, or root/{train,test[,val]}/<class>/... for official splits."""
+def index_image_folder(root: str | None, cache: Path | None = None) -> tuple[FileIndex, str]:
+    """root/<class>/*.jpg|png|..., or root/{train,test[,val]}/<class>/... for official splits; streamed."""
     if root is None:
         raise DataError("dataset 'image_folder' needs `data.root: <dir with one folder per class>`")
-    folder = Path(root)
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist")
+    return build_index("image_folder", root, cache)
+
+
+@DATASETS.register("manifest")
+def index_manifest(root: str | None, cache: Path | None = None) -> tuple[FileIndex, str]:
+    """A CSV (`path,label[,split]`) or JSON list of files; data.root names the manifest; streamed."""
+    if root is None:
+        raise DataError("dataset 'manifest' needs `data.root: <manifest.csv or manifest.json>` (columns "
+                        "path,label[,split]; relative paths are read from the manifest's folder)")
+    return build_index("manifest", root, cache)
+
+
+ON_DISK = ("image_folder", "manifest")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How an on-disk dataset is read: loader workers, evaluation transform, training augmentation, the
+    statistics sample, what to do with unreadable files, and where the file index is cached."""
+
+    workers: Optional[int] = None  # default: the machine's cores, at most 8
+    interpolation: str = "bilinear"
+    crop_fraction: float = 0.875
+    crop_scale: tuple[float, float] = DEFAULT_SCALE
+    crop_ratio: tuple[float, float] = DEFAULT_RATIO
+    color_jitter: float = 0.0
+    stats_images: int = 512
+    on_corrupt: str = "fail"
+    index_cache: Optional[Path] = None
+
+
+def _pools(index: FileIndex, val_fraction: float, test_fraction: float, seed: int,
+           limit_train: int | None) -> dict[str, np.ndarray]:
+    """Positions in the index of each split: the layout's or manifest's own splits where given, else
+    stratified hold-outs drawn like the in-memory sources' (same fractions, same seeds)."""
+    named = {s: np.flatnonzero(index.splits == s) for s in ("train", "val", "test")}
+    if not len(named["train"]):
+        named["train"] = np.flatnonzero(index.splits == "")
+    train = named["train"]
+    if not len(named["test"]):
+        n = len(train)
+        keep, held = stratified_split(index.labels[train], _fraction_size(n, test_fraction, "test_fraction"), seed)
+        train, named["test"] = train[keep], train[held]
+    if not len(named["val"]) and val_fraction > 0:
+        n = len(train)
+        keep, held = stratified_split(index.labels[train], _fraction_size(n, val_fraction, "val_fraction"), seed + 1)
+        train, named["val"] = train[keep], train[held]
+    if limit_train is not None and limit_train < len(train):
+        _, subset = stratified_split(index.labels[train], limit_train, seed + 2)
+        train = train[subset]
+    named["train"] = train
+    return named
+
+
+def stream_dataset(name: str, index: FileIndex, index_origin: str, *, image_size: int | None,
+                   channels: int | None, val_fraction: float, test_fraction: float, seed: int,
+                   limit_train: int | None, normalize: Any, options: StreamOptions) -> DatasetBundle:
+    """A bundle whose splits stay on disk and decode in loader workers."""
     size = image_size or DEFAULT_IMAGE_SIZE
     channels = channels or 3
-    if channels not in (1, 3):
-        raise DataError(f"channels must be 1 or 3, got {channels}")
-    split_layout = (folder / "train").is_dir() and (folder / "test").is_dir()
-    train_dir = folder / "train" if split_layout else folder
-    classes = [p.name for p in _class_dirs(train_dir)]
-    if not classes:
-        raise DataError(f"no class folders in {train_dir} (expected {train_dir}/<class>/*.png|jpg|jpeg|bmp)")
-    splits = {"train": _read_images(train_dir, classes, size, channels)}
-    if split_layout:
-        for part in ("test", "val"):
-            if (folder / part).is_dir():
-                splits[part] = _read_images(folder / part, classes, size, channels)
-    return RawDataset(
-        train=splits["train"],
-        test=splits.get("test"),
-        val=splits.get("val"),
-        class_names=classes,
-        augmentations=("crop", "flip"),
-        source=str(folder),
-    )
+    if options.on_corrupt not in ON_CORRUPT:
+        raise DataError(f"data.on_corrupt must be one of {', '.join(ON_CORRUPT)}, got '{options.on_corrupt}'")
+    eval_t = EvalTransform(size, channels, eval_resize(size, options.crop_fraction), options.interpolation)
+    train_t = TrainTransform(eval_t, ("random_resized_crop", "flip"), tuple(options.crop_scale),
+                             tuple(options.crop_ratio), options.color_jitter)
+    workers = default_workers() if options.workers is None else options.workers
+    pools = _pools(index, val_fraction, test_fraction, seed, limit_train)
+    skipped: dict = {}
+
+    def split(pos: np.ndarray, train: bool) -> FileSplit:
+        return FileSplit(index.root, index.paths.take(pos), torch.from_numpy(index.labels[pos]), eval_t,
+                         train_t if train else None, workers, options.on_corrupt, skipped=skipped)
+
+    splits = {k: split(v, k == "train") for k, v in pools.items()}
+    for k in ("train", "test"):
+        if not len(splits[k]):
+            raise DataError(f"dataset '{name}' has an empty {k} split")
+    c = channels
+    mean, std, origin = normalization(
+        normalize, c, lambda: streaming_stats(splits["train"], options.stats_images, seed)[:2])
+    spec = InputSpec(channels=c, height=size, width=size, mean=mean, std=std, resize=eval_t.resize,
+                     interpolation=options.interpolation, normalization=origin)
+    augment = ["random_resized_crop", "flip"] + (["color_jitter"] if options.color_jitter > 0 else [])
+    bundle = DatasetBundle(name=name, train=splits["train"], val=splits["val"], test=splits["test"],
+                           num_classes=len(index.classes), class_names=list(index.classes), input_spec=spec,
+                           augmentations=tuple(augment), source=index.root if index.kind != "manifest" else name)
+    bundle.streaming = {
+        "workers": workers, "index": index_origin, "index_digest": index.digest(), "files": len(index),
+        "on_corrupt": options.on_corrupt, "skipped": skipped,
+        "stats_images": min(options.stats_images, len(splits["train"])) if origin == "dataset" else 0,
+        "train_transform": train_t.describe() | {"scale": list(options.crop_scale),
+                                                 "ratio": [round(r, 4) for r in options.crop_ratio]},
+    }
+    return bundle

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -15,7 +15,11 @@ LAYOUTS = ("NCHW", "NHWC")
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a model expects: `channels x height x width` pixels scaled to [0, 1], then `(x - mean) / std`."""
+    """What a model expects: `channels x height x width` pixels scaled to [0, 1], then `(x - mean) / std`.
+
+    How an image becomes those pixels: with `resize` set, its shorter side is resized to `resize` pixels and
+    the center `height x width` is cropped; without, the whole image is resized to `height x width`. Either
+    way with `interpolation`, from RGB (3 channels) or luminance (1). The input tensor is `dtype`."""
 
     channels: int
     height: int
@@ -23,6 +27,10 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     layout: str = "NCHW"
+    resize: Optional[int] = None
+    interpolation: str = "bilinear"
+    normalization: str = "dataset"  # where mean/std come from: dataset, imagenet or recipe
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if min(self.channels, self.height, self.width) < 1:
@@ -47,7 +55,19 @@ class InputSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["transform"] = self.describe()
         return d
+
+    def describe(self) -> str:
+        """The whole evaluation transform in one line, for reports and for reproducing it on a device."""
+        size = f"{self.height}x{self.width}"
+        resize = (f"resize shorter side to {self.resize}, center crop {size}" if self.resize is not None
+                  else f"resize to {size}")
+        colour = "RGB" if self.channels == 3 else ("grey (luminance)" if self.channels == 1 else f"{self.channels}-channel")
+        mean = ", ".join(f"{m:.4f}" for m in self.mean)
+        std = ", ".join(f"{s:.4f}" for s in self.std)
+        return (f"{colour}, {resize} ({self.interpolation}), scale to [0, 1], subtract mean [{mean}], divide by "
+                f"std [{std}] ({self.normalization} statistics), {self.layout} {self.dtype}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
@@ -58,6 +78,10 @@ class InputSpec:
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
             layout=str(d.get("layout", "NCHW")),
+            resize=int(d["resize"]) if d.get("resize") is not None else None,
+            interpolation=str(d.get("interpolation", "bilinear")),
+            normalization=str(d.get("normalization", "dataset")),
+            dtype=str(d.get("dtype", "float32")),
         )
 
     def _broadcast_shape(self, images_ndim: int) -> tuple[int, ...]:
