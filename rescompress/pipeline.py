@@ -54,7 +54,10 @@ class Plan:
         lines = [
             f"recipe   {r.name}" + (f"  ({self.source})" if self.source else ""),
             f"data     {d.name}: train {len(d.train)} / val {len(d.val)} / test {len(d.test)}, {d.num_classes} classes, "
-            f"input {d.input_spec.channels}x{d.input_spec.height}x{d.input_spec.width}",
+            f"input {d.input_spec.channels}x{d.input_spec.height}x{d.input_spec.width}"
+            + (f", streamed from disk by {d.streaming['workers']} worker(s) ({d.streaming['index']})"
+               if d.streaming else ", in memory"),
+            f"         eval transform: {d.input_spec.describe()}",
             f"model    {self.arch['name']} ({self.arch['num_classes']} classes, {self.arch['in_channels']} input channels)",
         ]
         if r.model.weights:
@@ -89,9 +92,10 @@ def stage_step(index: int, kind: str) -> str:
     return f"{index + 1:02d}-{kind}"
 
 
-def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
-    """Validate everything that can be checked before training; raise a RescompressError otherwise."""
-    from rescompress.data import load_dataset
+def make_plan(recipe: Recipe, source: Optional[Path] = None, cache_dir: Optional[Path] = None) -> Plan:
+    """Validate everything that can be checked before training; raise a RescompressError otherwise.
+    `cache_dir` holds the file index of an on-disk dataset (a run directory, or a sweep's): read from there
+    when present, written there when not."""
     from rescompress.models import MODELS, build_model, load_weights
     from rescompress.stages import check_order
 
@@ -99,10 +103,7 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
     check_order([s.kind for s in recipe.stages], [s.config for s in recipe.stages])
     devices, shadowed = load_devices(recipe.devices)
     check_exports(recipe, devices)
-    d = recipe.data
-    data = load_dataset(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
-                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=recipe.seed,
-                        limit_train=d.limit_train)
+    data = load_data(recipe, cache_dir)
     arch = resolve_arch(recipe, data)
     if arch["in_channels"] != data.input_spec.channels:
         raise WeightsError(f"model.in_channels is {arch['in_channels']} but the data has {data.input_spec.channels} "
@@ -114,6 +115,53 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None) -> Plan:
         note = report.note or f"{report.loaded} tensors fit"
     return Plan(recipe=recipe, data=data, arch=arch, devices=devices, weights_note=note, source=source,
                 warnings=shadowed, prune_reach=prune_reach)
+
+
+INDEX_FILE = "data-index-{key}.json"
+
+
+def index_path(recipe: Recipe, cache_dir: Path) -> Path:
+    """Where an on-disk dataset's file index is cached: one file per (source, root)."""
+    import hashlib
+
+    key = hashlib.sha256(f"{recipe.data.name}\0{Path(recipe.data.root or '').resolve()}".encode()).hexdigest()[:12]
+    return cache_dir / INDEX_FILE.format(key=key)
+
+
+def resolve_normalize(recipe: Recipe) -> Any:
+    """`data.normalize` made concrete: `auto` is ImageNet statistics when the weights are an ImageNet
+    checkpoint (a 1000-class head), the training split's own statistics otherwise."""
+    n = recipe.data.normalize
+    if n != "auto":
+        return n if isinstance(n, str) else {"mean": list(n.mean), "std": list(n.std)}
+    if recipe.model.weights:
+        from rescompress.models import read_state_dict
+
+        fc = read_state_dict(recipe.model.weights).get("fc.weight")
+        if fc is not None and fc.ndim == 2 and fc.shape[0] == 1000 and (recipe.data.channels or 3) == 3:
+            return "imagenet"
+    return "dataset"
+
+
+def load_data(recipe: Recipe, cache_dir: Optional[Path] = None) -> Any:
+    """The recipe's dataset: in memory for the small built-in sources, streamed from disk for image folders and
+    manifests (refused up front when a training batch would not fit in memory)."""
+    from rescompress.data import ON_DISK, StreamOptions, load_dataset
+    from rescompress.data.files import check_stream_memory, default_workers
+
+    d = recipe.data
+    options = None
+    if d.name in ON_DISK:
+        workers = default_workers() if d.workers is None else d.workers
+        check_stream_memory(d.image_size or 224, d.channels or 3, max(recipe.train.batch_size,
+                                                                      recipe.train.eval_batch_size), workers)
+        options = StreamOptions(workers=workers, interpolation=d.interpolation, crop_fraction=d.crop_fraction,
+                                crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
+                                color_jitter=d.color_jitter, stats_images=d.stats_images, on_corrupt=d.on_corrupt,
+                                index_cache=index_path(recipe, cache_dir) if cache_dir is not None else None)
+    return load_dataset(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
+                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=recipe.seed,
+                        limit_train=d.limit_train, normalize=resolve_normalize(recipe), options=options)
 
 
 def load_devices(names: list[str]) -> tuple[list[DeviceProfile], list[str]]:
@@ -376,9 +424,12 @@ class Runner:
         """`n` shuffled training images, normalised NCHW float32: what post-training converters calibrate on."""
         import numpy as np
 
-        images = self.data.train.images.numpy()
-        pick = np.random.default_rng(self.recipe.seed).permutation(len(images))[:n]
-        return self.data.input_spec.normalize_numpy(images[pick])
+        from rescompress.data import batches
+
+        split = self.data.train
+        pick = np.sort(np.random.default_rng(self.recipe.seed).permutation(len(split))[:n])
+        xs = [x.numpy() for x, _ in batches(split.subset(pick), self.data.input_spec, 64)]
+        return np.concatenate(xs)
 
     def _lint(self, art: Any) -> None:
         """Lint the file in every runtime it is meant for; the findings go into the report."""
@@ -455,12 +506,13 @@ class Runner:
         from rescompress.bench.device_latency import DeviceLatency, latency_input
         from rescompress.train import progress_bar
 
+        from rescompress.data import batches
+
         spec = self.data.input_spec
-        x_test = spec.normalize_numpy(self.data.test.images.numpy())
-        y_test = self.data.test.labels.numpy()
-        splits = {"top1": (x_test, y_test)}
+        splits = {"top1": self.data.test}
         if len(self.data.val):
-            splits["val_top1"] = (spec.normalize_numpy(self.data.val.images.numpy()), self.data.val.labels.numpy())
+            splits["val_top1"] = self.data.val
+        self._reference_logits: dict = {}
         by_name = {a.name: a for a in artifacts}
         art_rows = []
         for art in artifacts:
@@ -480,7 +532,7 @@ class Runner:
                 self.console.print(f"  [red]{art.name}: no top-1: {escape(row['top1_message'])}[/red]", soft_wrap=True)
 
         lat = self.recipe.report.latency
-        x_lat = latency_input(x_test, lat.batch)
+        x_lat = latency_input(next(iter(batches(self.data.test, spec, lat.batch)))[0].numpy(), lat.batch)
         pool = estimate_pool(self.plan.devices)
         devices = []
         for device in self.plan.devices:
@@ -509,17 +561,37 @@ class Runner:
                             "provenance": {**source.provenance(), **device.provenance()}})
         return art_rows, devices
 
+    def _logits(self, run: Callable, split: Any) -> tuple[Any, Any]:
+        """(logits, labels) of `run` over a split, batch by batch (an on-disk split is decoded as it goes)."""
+        import numpy as np
+
+        from rescompress.data import batches
+
+        outs, labels = [], []
+        for x, y in batches(split, self.data.input_spec, 64):
+            outs.append(np.asarray(run(x.numpy()), dtype=np.float32))
+            labels.append(y.numpy())
+        return np.concatenate(outs), np.concatenate(labels)
+
     def _accuracy(self, art: Any, run: Callable, splits: dict, reference: Any, where: str) -> dict:
-        """Top-1 of `run` on each split, and its parity with `reference` on the test split. A runtime that
-        fails on the file is recorded (`top1_status: failed` and the message), not raised: the report is
-        still written and the run ends with exit 1."""
-        from rescompress.export.artifact import parity, top1
+        """Top-1 of `run` on each split, and its parity with `reference` on the test split (the reference's
+        logits are computed once per reference and kept). A runtime that fails on the file is recorded
+        (`top1_status: failed` and the message), not raised: the report is still written and the run ends
+        with exit 1."""
+        from rescompress.export.artifact import parity_of_logits
 
         try:
-            row = {key: top1(run, x, y) for key, (x, y) in splits.items()}
+            row, test_logits = {}, None
+            for key, split in splits.items():
+                logits, labels = self._logits(run, split)
+                row[key] = float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
+                test_logits = logits if key == "top1" else test_logits
             if reference is not None:
-                row["parity"] = {**parity(run, reference, splits["top1"][0]), "reference": reference.name}
-                reference.release()
+                if reference.name not in self._reference_logits:
+                    self._reference_logits[reference.name] = self._logits(reference, splits["top1"])[0]
+                    reference.release()
+                row["parity"] = {**parity_of_logits(test_logits, self._reference_logits[reference.name]),
+                                 "reference": reference.name}
         except Exception as exc:  # the runtime cannot run this file: a failure in the report, not a crash
             return {"top1": None, "top1_status": "failed", "top1_message": f"{where}: {type(exc).__name__}: {exc}"}
         return {**row, "top1_source": where, "top1_status": "ok"}
@@ -746,13 +818,16 @@ def prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest
         raise made
     if distributed.is_main():
         return plan, run_dir, manifest
-    return make_plan(load_recipe(recipe_path), source=recipe_path), Path(made), Manifest.load(Path(made))
+    return (make_plan(load_recipe(recipe_path), source=recipe_path, cache_dir=Path(made)), Path(made),
+            Manifest.load(Path(made)))
 
 
 def _prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest]:
     recipe = load_recipe(recipe_path)
     plan = make_plan(recipe, source=recipe_path)
     run_dir = new_run_dir(out_root, recipe.name or "run")
+    if plan.data.file_index is not None:  # a resumed run reads it instead of scanning the dataset again
+        plan.data.file_index.save(index_path(recipe, run_dir))
     shutil.copyfile(recipe_path, run_dir / "recipe.original.yaml")
     save_resolved(recipe, run_dir / RESOLVED)
     return plan, run_dir, Manifest.create(run_dir, recipe)
@@ -771,5 +846,5 @@ def prepare_resume(run_dir: Path, recipe_path: Optional[Path] = None) -> tuple[P
         raise ResumeError(f"{recipe_path} differs from the recipe {run_dir} was started with; resume without "
                           f"naming a recipe, or start a new run")
     source = run_dir / "recipe.original.yaml"
-    plan = make_plan(recipe, source=source if source.exists() else resolved)
+    plan = make_plan(recipe, source=source if source.exists() else resolved, cache_dir=run_dir)
     return plan, run_dir, manifest

@@ -38,6 +38,10 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def subset(self, idx: np.ndarray) -> "Split":
+        idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return Split(self.images[idx_t], self.labels[idx_t])
+
 
 @dataclass
 class DatasetBundle:
@@ -53,6 +57,7 @@ class DatasetBundle:
     augmentations: tuple[str, ...]
     source: str
     streaming: Optional[dict] = None  # on-disk sources: workers, index origin, skipped files, train transform
+    file_index: Optional[Any] = None  # on-disk sources: the FileIndex the splits were drawn from
 
     def summary(self) -> dict[str, Any]:
         out = {

@@ -398,6 +398,21 @@ class FileSplit:
             yield spec.normalize(x), y
 
 
+def check_stream_memory(image_size: int, channels: int, batch_size: int, workers: int) -> None:
+    """Refuse settings whose batches alone would exhaust memory, before any worker starts: each worker keeps
+    two uint8 batches ready, and the main process holds a float32 batch and its normalised copy."""
+    from rescompress.data.base import _gib, available_memory
+
+    pixels = batch_size * channels * image_size * image_size
+    need = pixels * 2 * max(1, workers) + pixels * 4 * 3
+    free = available_memory()
+    if need > 0.5 * free:
+        raise DataError(f"a batch of {batch_size} images at {image_size}x{image_size} with {workers} loader "
+                        f"worker(s) needs about {_gib(need)} before the model's own memory, but only "
+                        f"{_gib(free)} is available; lower data.image_size, train.batch_size / "
+                        f"train.eval_batch_size or data.workers")
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is Pillow's; torch threads in every worker would only contend
 

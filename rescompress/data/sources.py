@@ -342,7 +342,8 @@ def stream_dataset(name: str, index: FileIndex, index_origin: str, *, image_size
     augment = ["random_resized_crop", "flip"] + (["color_jitter"] if options.color_jitter > 0 else [])
     bundle = DatasetBundle(name=name, train=splits["train"], val=splits["val"], test=splits["test"],
                            num_classes=len(index.classes), class_names=list(index.classes), input_spec=spec,
-                           augmentations=tuple(augment), source=index.root if index.kind != "manifest" else name)
+                           augmentations=tuple(augment), source=index.root if index.kind != "manifest" else name,
+                           file_index=index)
     bundle.streaming = {
         "workers": workers, "index": index_origin, "index_digest": index.digest(), "files": len(index),
         "on_corrupt": options.on_corrupt, "skipped": skipped,

@@ -127,6 +127,16 @@ def parity(artifact: Callable[[np.ndarray], np.ndarray], reference: Callable[[np
     return {"max_abs_diff": max_diff, "top1_agreement": agree / max(1, len(inputs))}
 
 
+def parity_of_logits(logits: np.ndarray, reference: np.ndarray) -> dict:
+    """Max |logit difference| and top-1 agreement of two sets of logits for the same inputs."""
+    if logits.shape != reference.shape:
+        raise ValueError(f"logits of shape {logits.shape} cannot be compared with {reference.shape}")
+    if not len(logits):
+        return {"max_abs_diff": 0.0, "top1_agreement": 0.0}
+    return {"max_abs_diff": float(np.abs(logits - reference).max()),
+            "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean())}
+
+
 def top1(artifact: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> float:
     correct = 0
     for i in range(0, len(inputs), batch_size):

@@ -149,6 +149,15 @@ def _summary(report: Mapping[str, Any]) -> Fields:
     ]
     if data.get("source"):
         items.append(("Data source", data["source"]))
+    if data.get("eval_transform"):
+        items.append(("Eval transform", data["eval_transform"]))
+    stream = data.get("streaming")
+    if stream:
+        text = f"streamed from disk by {stream.get('workers')} worker(s), {stream.get('files')} files indexed"
+        if stream.get("skipped_files"):
+            text += (f"; {stream['skipped_files']} unreadable file(s) skipped (data.on_corrupt: skip), e.g. "
+                     f"{(stream.get('skipped_examples') or [''])[0]}")
+        items.append(("Data loading", text))
     weights = model.get("weights")
     items.append(("Model", f"{model['name']} ({'weights ' + weights if weights else 'trained in this run'})"))
     items.append(("rescompress", report["rescompress_version"]))

@@ -18,7 +18,12 @@ Top level (all required):
 - `dataset` (object): `name` (str); `num_classes` (int, optional);
   `sizes` (object, optional): split name -> number of samples, e.g. {"train": 1257, "val": 180, "test": 360};
   `input_spec` (object, optional): `channels`, `height`, `width` (int), `mean`, `std` (lists of numbers),
-  `layout` ("NCHW" | "NHWC"); `source` (str, optional): where the data came from.
+  `layout` ("NCHW" | "NHWC"), `resize` (int or null: the shorter side before a center crop; null: resized to
+  height x width), `interpolation`, `normalization` ("dataset" | "imagenet" | "recipe"), `dtype`, `transform`
+  (str: all of it in words); `source` (str, optional): where the data came from; `eval_transform` (str,
+  optional): the evaluation transform in words; `in_memory` (bool, optional); `streaming` (object, optional,
+  on-disk sources): `workers`, `files`, `index`, `on_corrupt`, `skipped_files`, `skipped_examples`,
+  `train_transform`.
 - `model` (object): `name` (str): the registry name, e.g. "resnet20";
   `weights` (str, optional): the weights file loaded; null when the baseline was trained in the run.
 - `stages` (list): one object per finished pipeline stage, in order; "baseline" is always first.
@@ -288,6 +293,8 @@ def validate_report(report: Mapping[str, Any]) -> None:
     c.field(dataset, "sizes", "object", "dataset", required=False)
     c.field(dataset, "input_spec", "object", "dataset", required=False)
     c.field(dataset, "source", "str", "dataset", required=False)
+    c.field(dataset, "eval_transform", "str", "dataset", required=False)
+    c.field(dataset, "streaming", "object", "dataset", required=False)
     c.field(model, "name", "str", "model", required="model" in report)
     c.field(model, "weights", "str", "model", required=False)
 
