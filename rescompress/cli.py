@@ -41,6 +41,9 @@ def run(
     out: Path = typer.Option(Path("runs"), "--out", help="where new run directories are created"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate everything and print the plan; train nothing"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run directory after its last finished step"),
+    overrides: list[str] = typer.Option([], "--set", help="PATH=VALUE: set a recipe field before validation, "
+                                                          "e.g. train.epochs=3 (dotted path as in sweep --grid, list "
+                                                          "items by index; the value is read as YAML); repeat for more"),
 ) -> None:
     """Run a recipe: baseline, stages, exports, per-device measurement, report."""
     from rescompress import pipeline
@@ -48,16 +51,24 @@ def run(
     with user_errors():
         if recipe is None and resume is None:
             raise RescompressError("give a recipe file, or --resume RUN_DIR")
+        if overrides and resume is not None:
+            raise RescompressError(f"--set cannot change a resumed run: it goes on with the recipe it started with "
+                                   f"({resume / pipeline.RESOLVED}); drop --set, or start a new run with it")
         if dry_run:
             if resume is not None:
                 plan, _, _ = pipeline.prepare_resume(resume, recipe)
             else:
-                plan = pipeline.make_plan(pipeline.load_recipe(recipe), source=recipe)
+                plan = pipeline.make_plan(pipeline.load_recipe(recipe, overrides), source=recipe)
+                if overrides:
+                    console.print(f"--set    {', '.join(plan.recipe.overrides)}", soft_wrap=True, markup=False)
             for warning in plan.warnings:
                 console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
             console.print(plan.describe())
             console.print("[green]plan is valid[/green] (dry run: nothing was trained or written)")
             return
+        if overrides:  # pipeline.prepare_new reads the recipe file as it is
+            raise RescompressError("--set is checked by --dry-run only so far: a new run does not take it yet; "
+                                   "edit the recipe file instead")
         world = distributed.init_from_env()  # several processes under torchrun; rank 0 writes
         try:
             _run(recipe, out, resume, world)

@@ -3,15 +3,18 @@
 Every section is a pydantic model with ``extra="forbid"``. Stage and export entries are one-key mappings
 (``- finetune: {epochs: 2}``) whose options are validated against the config class the stage or target
 registered. Errors name the file, the field path and what was expected, and suggest the nearest valid key.
+A key given twice in a file is refused with both lines (PyYAML alone keeps the last). `run --set PATH=VALUE`
+and `sweep --grid` set dotted paths in the file's data before it is validated (`apply_overrides`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -148,6 +151,9 @@ class Recipe(Strict):
     devices: list[str] = ["host-cpu"]
     report: ReportConfig = ReportConfig()
     sweep: Optional[SweepConfig] = None
+    overrides: list[str] = Field(default_factory=list, exclude=True,
+                                 description="the --set options this recipe was resolved with: a record, applied "
+                                             "already (not part of the digest)")
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -320,6 +326,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of sections (model, data, train, ...), got {_type_name(data)}")
     data = dict(data)
+    if "overrides" in data and "schema_version" not in data:
+        raise RecipeError(f"{source}: overrides: is the record of --set options a resolved recipe keeps (they are "
+                          f"applied already); set values in their sections, or with `rescompress run --set PATH=VALUE`")
     version = data.pop("schema_version", SCHEMA_VERSION)  # written into resolved recipes
     if version != SCHEMA_VERSION:
         raise RecipeError(f"{source}: schema_version {version!r} is not supported; this rescompress reads {SCHEMA_VERSION}")
@@ -337,13 +346,33 @@ def parse_sweep(data: Any, source: str = "sweep") -> SweepConfig:
         raise RecipeError(format_validation_error(exc, f"{source}: sweep")) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file. The recipe's name defaults to the file's stem."""
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read and validate a recipe file, with `--set PATH=VALUE` options applied to its data first (so the
+    result is validated as a whole) and recorded in `Recipe.overrides`. The name defaults to the file's stem."""
     path = Path(path)
+    data = read_recipe_file(path)
+    source = str(path)
+    if overrides:
+        values = parse_overrides(overrides)
+        if isinstance(data, dict):  # anything else is refused by parse_recipe, naming the file
+            data = apply_overrides(data, values, option="--set")
+        source = f"{path} with --set {' '.join(o.strip() for o in overrides)}"
+    recipe = parse_recipe(data, source)
+    if overrides:
+        recipe.overrides = _record(recipe.overrides, overrides)
+    if recipe.name is None:
+        recipe.name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "run"
+    return recipe
+
+
+def read_recipe_file(path: Path) -> Any:
+    """A recipe file's YAML data; a syntax error or a key given twice is a RecipeError naming the line(s)."""
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -351,14 +380,154 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: YAML syntax error{where}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
-    recipe = parse_recipe(data, str(path))
-    if recipe.name is None:
-        recipe.name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "run"
-    return recipe
 
 
 def save_resolved(recipe: Recipe, path: str | Path) -> Path:
+    """The recipe with every default filled in; the --set options it was resolved with are listed under
+    `overrides:` (a record: their values are in their sections already, and the digest leaves it out)."""
     from rescompress.fileio import atomic_write_text
 
     header = "# Resolved recipe: every default filled in. Re-run it with `rescompress run` to reproduce.\n"
-    return atomic_write_text(path, header + yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+    data = recipe.to_yaml_dict()
+    if recipe.overrides:
+        header += "# overrides: the --set options it was run with; their values are in the sections below.\n"
+        data = {"schema_version": data.pop("schema_version"), "overrides": list(recipe.overrides), **data}
+    return atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
+
+
+# --- YAML that refuses a key given twice, and --set PATH=VALUE overrides ------------------------
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping holds the same key twice (PyYAML alone would keep the last one silently)."""
+
+    def __init__(self, loc: tuple, first: yaml.Mark, second: yaml.Mark) -> None:
+        where = (f"lines {first.line + 1} and {second.line + 1}" if first.line != second.line
+                 else f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}")
+        super().__init__(f"{_path(loc)}: the key '{loc[-1]}' appears twice ({where}); YAML would keep only the "
+                         f"last one, so remove one of them")
+        self.loc, self.lines = loc, (first.line + 1, second.line + 1)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader whose mapping constructor refuses a key given twice, at any depth. Merge keys
+    (`<<: *defaults`) are not duplicates: the mapping's own keys override the merged ones, as in YAML."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._locs: dict[int, tuple] = {}  # id(node) -> its path in the document, set by its parent
+        self._own: dict[int, list] = {}  # a mapping's entries as written, before its merge keys were flattened
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        self._own.setdefault(id(node), list(node.value))
+        super().flatten_mapping(node)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            loc, seen = self._locs.get(id(node), ()), {}
+            for key_node, value_node in self._own.get(id(node), node.value):
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError((*loc, key), seen[key], key_node.start_mark)
+                    seen[key] = key_node.start_mark
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    pass
+                self._locs.setdefault(id(value_node), (*loc, key))
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_sequence(self, node: yaml.Node, deep: bool = False) -> list:
+        loc = self._locs.get(id(node), ())
+        for i, item in enumerate(getattr(node, "value", ())):
+            self._locs.setdefault(id(item), (*loc, i))
+        return super().construct_sequence(node, deep=deep)
+
+
+def parse_value(text: str) -> Any:
+    """A value from the command line, read as YAML: 3, 0.1, true, null, [crop, flip]; otherwise the string."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"value {text!r}: {exc}") from None
+    except yaml.YAMLError:
+        return text
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.epochs=3` -> ("train.epochs", 3): a dotted recipe path (list items by index) and its value."""
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip() or not value.strip():
+        raise RecipeError(f"--set {text!r}: expected PATH=VALUE, e.g. train.epochs=3 (null clears a value)")
+    return path.strip(), parse_value(value.strip())
+
+
+def parse_overrides(options: Sequence[str]) -> dict[str, Any]:
+    """`--set` options as {path: value}, in the order given. A path given twice, or one inside another's value
+    (`train={epochs: 1}` and `train.epochs=2`), is refused: which one wins would depend on their order."""
+    values: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for text in options:
+        path, value = parse_override(text)
+        for earlier in values:
+            if earlier == path:
+                raise RecipeError(f"--set {path} is given twice ({given[earlier]} and {text.strip()}); keep one")
+            if _inside(path, earlier) or _inside(earlier, path):
+                raise RecipeError(f"--set {given[earlier]} and --set {text.strip()} overlap (both set "
+                                  f"{max(path, earlier, key=len)}); keep one")
+        values[path], given[path] = value, text.strip()
+    return values
+
+
+def _inside(path: str, section: str) -> bool:
+    return path.startswith(section + ".")
+
+
+def _record(previous: Sequence[str], options: Sequence[str]) -> list[str]:
+    """The overrides a resolved recipe records: the earlier ones (when a resolved recipe is run again) that
+    the new options leave in place, then the new ones."""
+    new = [o.strip() for o in options]
+    paths = [o.partition("=")[0].strip() for o in new]
+
+    def replaced(entry: str) -> bool:
+        p = entry.partition("=")[0].strip()
+        return any(p == q or _inside(p, q) or _inside(q, p) for q in paths)
+
+    return [o for o in previous if not replaced(o)] + new
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any], option: str = "sweep path") -> dict:
+    """A copy of the recipe's YAML data with each dotted path set; list items by index
+    (`stages.2.qat.scheme`). A path that does not exist in the recipe is an error naming it; a key that no
+    section has is left to validation, which suggests the nearest valid one."""
+    data = copy.deepcopy(raw)
+    for path, value in overrides.items():
+        parts = path.split(".")
+        node: Any = data
+        entry = False  # whether `node` is an item of a list (a one-key stage or export entry)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"{option} {path}: {'.'.join(parts[:i]) or 'recipe'} has {len(node)} "
+                                      f"entries; {where} is not one of them")
+                if last:
+                    node[int(part)] = value
+                    break
+                node, entry = node[int(part)], True
+                continue
+            if not isinstance(node, dict):
+                raise RecipeError(f"{option} {path}: {'.'.join(parts[:i])} is a value, not a section")
+            if entry and len(node) == 1 and part not in node:
+                # a one-key stage/export entry: the key names the stage, so a wrong one is a wrong stage
+                (kind,) = node
+                raise RecipeError(f"{option} {path}: {'.'.join(parts[:i])} is a {kind} entry, not {part}")
+            entry = False
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:  # a section the recipe leaves out (a list, if indexed: it has no entries)
+                    node[part] = [] if parts[i + 1].isdigit() else {}
+                node = node[part]
+    return data

@@ -23,7 +23,6 @@ unfinished ones resume from their last finished step.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -40,7 +39,7 @@ import yaml
 
 from rescompress.errors import RecipeError, RescompressError, ResumeError
 from rescompress.fileio import atomic_write_json
-from rescompress.recipe import Recipe, RangeSpec, SweepConfig, parse_recipe, parse_sweep
+from rescompress.recipe import Recipe, RangeSpec, SweepConfig, apply_overrides, parse_recipe, parse_sweep, parse_value
 
 SWEEP_FILE = "sweep.json"
 TRIALS = "trials"
@@ -55,17 +54,11 @@ class CacheEntryError(RescompressError):
 
 def parse_grid_option(text: str) -> tuple[str, list[Any]]:
     """`stages.0.prune.macs_reduction=1.5,2,3` -> ("stages.0.prune.macs_reduction", [1.5, 2, 3]); values are
-    read as YAML scalars (numbers, true/false, null, strings)."""
+    read as YAML scalars (numbers, true/false, null, strings), as `run --set` reads its value."""
     path, sep, values = text.partition("=")
     if not sep or not path.strip() or not values.strip():
         raise RecipeError(f"--grid {text!r}: expected PATH=VALUE[,VALUE...], e.g. stages.0.prune.macs_reduction=1.5,2")
-    out = []
-    for raw in values.split(","):
-        try:
-            out.append(yaml.safe_load(raw.strip()) if raw.strip() else raw)
-        except yaml.YAMLError:
-            out.append(raw.strip())
-    return path.strip(), out
+    return path.strip(), [parse_value(raw.strip()) if raw.strip() else raw for raw in values.split(",")]
 
 
 def expand(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -100,42 +93,6 @@ def _draw(rng: random.Random, spec: Any) -> Any:
             value = rng.uniform(spec.low, spec.high)
         return int(round(value)) if spec.integer else float(f"{value:.6g}")
     return rng.choice(spec)
-
-
-def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    """A copy of the recipe's YAML data with each dotted path set; list items by index
-    (`stages.2.qat.scheme`). A path that does not exist in the recipe is an error naming it."""
-    data = copy.deepcopy(raw)
-    for path, value in overrides.items():
-        parts = path.split(".")
-        node: Any = data
-        entry = False  # whether `node` is an item of a list (a one-key stage or export entry)
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            where = ".".join(parts[: i + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError(f"sweep path {path}: {'.'.join(parts[:i]) or 'recipe'} has {len(node)} "
-                                      f"entries; {where} is not one of them")
-                if last:
-                    node[int(part)] = value
-                    break
-                node, entry = node[int(part)], True
-                continue
-            if not isinstance(node, dict):
-                raise RecipeError(f"sweep path {path}: {'.'.join(parts[:i])} is a value, not a section")
-            if entry and len(node) == 1 and part not in node:
-                # a one-key stage/export entry: the key names the stage, so a wrong one is a wrong stage
-                (kind,) = node
-                raise RecipeError(f"sweep path {path}: {'.'.join(parts[:i])} is a {kind} entry, not {part}")
-            entry = False
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-    return data
 
 
 @dataclass
@@ -272,7 +229,7 @@ def run_trial(sweep_dir: Path, trial_id: str, threads: Optional[int] = None, qui
         if (run_dir / MANIFEST).is_file():
             plan, run_dir, manifest = prepare_resume(run_dir)
         else:
-            plan = make_plan(recipe, source=sweep_dir / "recipe.original.yaml")
+            plan = make_plan(recipe, source=sweep_dir / "recipe.original.yaml", cache_dir=sweep_dir)
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_resolved(recipe, run_dir / RESOLVED)
             manifest = Manifest.create(run_dir, recipe)
