@@ -14,7 +14,12 @@ from rescompress.data.spec import InputSpec
 from rescompress.errors import DataError
 
 AUGMENTATIONS = ("crop", "flip")
-_CHUNK = 2048  # images per step when resizing or computing stats, to bound float memory
+_CHUNK_BYTES = 256 * 2**20  # float32 bytes per step when resizing or computing stats
+
+
+def _chunk(images: int, per_image: int) -> int:
+    """Images per step so that one float32 step stays within _CHUNK_BYTES (at least one image)."""
+    return max(1, min(max(1, images), _CHUNK_BYTES // max(1, 4 * per_image)))
 
 
 @dataclass
@@ -138,10 +143,12 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     shrink = size < max(images.shape[-2:])
     out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
-    for start in range(0, images.shape[0], _CHUNK):
-        x = images[start : start + _CHUNK].to(torch.float32)
+    n, c, h, w = images.shape
+    step = _chunk(n, c * (h * w + size * size))  # the float input and the float output of one step
+    for start in range(0, images.shape[0], step):
+        x = images[start : start + step].to(torch.float32)
         y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-        out[start : start + _CHUNK] = y.round_().clamp_(0, 255).to(torch.uint8)
+        out[start : start + step] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -163,7 +170,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     """Per-channel mean and std of uint8 images scaled to [0, 1]; std floored at 1e-3."""
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     squares = torch.zeros_like(total)
-    for chunk in images.split(_CHUNK):
+    for chunk in images.split(_chunk(images.shape[0], 2 * int(np.prod(images.shape[1:])))):
         x = chunk.to(torch.float64) / 255.0
         total += x.sum(dim=(0, 2, 3))
         squares += x.square().sum(dim=(0, 2, 3))
@@ -224,7 +231,7 @@ def _gib(n: float) -> str:
 def check_in_memory(name: str, images: int, channels: int, size: int) -> None:
     """Refuse an in-memory dataset that would not fit, before anything is allocated (uint8 images at the
     model input size, plus the float copies resizing and statistics make chunk by chunk)."""
-    need = images * channels * size * size + 4 * _CHUNK * channels * size * size * 2
+    need = images * channels * size * size + 2 * _CHUNK_BYTES
     free = available_memory()
     if need > 0.8 * free:
         raise DataError(f"dataset '{name}' at {size}x{size} with {channels} channel(s) would hold {images:,} images "
