@@ -38,14 +38,47 @@ class ModelConfig(Strict):
     freeze: Literal["none", "backbone", "stages_1_2"] = "none"
 
 
+class Normalization(Strict):
+    mean: list[float] = Field(..., min_length=1)
+    std: list[float] = Field(..., min_length=1)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if min(value) <= 0:
+            raise ValueError("every std value must be positive")
+        return value
+
+
 class DataConfig(Strict):
     name: str = "digits"
-    root: Optional[str] = None
-    image_size: Optional[int] = Field(None, gt=0)
+    root: Optional[str] = Field(None, description="a folder (image_folder), a manifest file (manifest), or the "
+                                                  "dataset's files (fashion_mnist, cifar10)")
+    image_size: Optional[int] = Field(None, gt=0, le=4096)
     channels: Optional[Literal[1, 3]] = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     limit_train: Optional[int] = Field(None, gt=0)
+    normalize: Union[Literal["auto", "dataset", "imagenet"], Normalization] = Field(
+        "auto", description="auto: ImageNet statistics for an ImageNet checkpoint, else the training split's")
+    # on-disk sources (image_folder, manifest): streamed through DataLoader workers
+    workers: Optional[int] = Field(None, ge=0, le=64, description="loader processes; default: the cores, at most 8")
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
+    crop_fraction: float = Field(0.875, gt=0.0, le=1.0, description="eval: resize to image_size / crop_fraction, "
+                                                                     "center crop image_size")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random_resized_crop: area fraction range")
+    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="random_resized_crop: aspect ratio range")
+    color_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="brightness/contrast/saturation jitter strength")
+    stats_images: int = Field(512, gt=0, description="training images sampled for dataset mean/std")
+    on_corrupt: Literal["fail", "skip"] = Field("fail", description="an unreadable image: stop, or leave it out "
+                                                                    "and count it in the report")
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"needs 0 < low <= high, got {list(value)}")
+        return value
 
 
 class TrainConfig(Strict):
@@ -59,8 +92,16 @@ class TrainConfig(Strict):
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    augment: Union[Literal["auto", "none"], list[Literal["crop", "flip"]]] = "auto"
+    augment: Union[Literal["auto", "none"], list[Literal["crop", "flip", "random_resized_crop", "color_jitter"]]] = Field(
+        "auto", description="auto: the dataset's (random_resized_crop + flip on disk, crop/flip for small images)")
     threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; default: all cores")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+                        description="where training, evaluation and calibration run: auto (CUDA when torch sees "
+                                    "one), cpu, cuda or cuda:N; under torchrun each rank uses its LOCAL_RANK GPU")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="float training under autocast (fp16 with a gradient scaler); QAT always trains in fp32")
+    channels_last: bool = Field(False, description="NHWC memory format for training (faster convolutions on CUDA)")
+    sync_batchnorm: bool = Field(False, description="SyncBatchNorm across ranks under torchrun on CUDA (nccl)")
 
 
 class LatencyConfig(Strict):
