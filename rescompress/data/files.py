@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -307,6 +308,9 @@ class _Sampler(torch.utils.data.Sampler):
                    for i in idx.tolist()]
 
 
+_live: Optional["weakref.ref[FileSplit]"] = None  # the split whose loader workers are running
+
+
 def default_workers() -> int:
     """The machine's cores, at most 8 (beyond that decoding rarely limits a single GPU)."""
     try:
@@ -340,9 +344,14 @@ class FileSplit:
                          self.train_transform, self.workers, self.on_corrupt, self.timeout, self.skipped)
 
     def _loader(self, batch_size: int, rank: int, world: int, pin: bool) -> tuple[Any, _Sampler]:
+        global _live
         key = (batch_size, rank, world, pin)
+        holder = _live() if _live is not None else None
+        if holder is not None and holder is not self:
+            holder.close()  # one split's workers alive at a time: memory stays at one set of workers
+        _live = weakref.ref(self)
         if key not in self._loaders:
-            self._loaders.clear()  # one live loader per split: its workers persist across epochs
+            self._loaders.clear()  # its workers persist across the epochs of one use (training, evaluation)
             sampler = _Sampler(len(self), batch_size, rank, world)
             dataset = _Decoded(self.root, self.paths, self.labels.numpy(), self.eval_transform, self.train_transform)
             w = min(self.workers, len(sampler)) if len(self) else 0
