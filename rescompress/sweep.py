@@ -19,6 +19,13 @@ entry to delete.
 
 An interrupted sweep resumes with `rescompress sweep --resume DIR`: finished trials are kept as they are,
 unfinished ones resume from their last finished step.
+
+Devices under Ray: each trial declares `gpus_per_trial` GPUs and Ray makes those (and only those) visible
+to it, so the trial's `train.device` follows what it was given (`trial_device`): `auto` trains on `cuda` in a
+trial with a GPU share and on the `cpu` in a trial without one, even on a node with GPUs; a recipe asking
+for `cuda` with no GPU per trial is refused when the sweep is created, and `cpu` stays `cpu`. The trial's
+resolved recipe (and its cache keys) name the device it trained on. The local backend runs every trial
+with the recipe's own device.
 """
 
 from __future__ import annotations
@@ -118,6 +125,20 @@ def trial_recipe(raw: dict, trial: Trial, name: str) -> Recipe:
     return parse_recipe(data, f"sweep trial {trial.id} ({trial.label})")
 
 
+def trial_device(cfg: SweepConfig, device: str) -> str:
+    """The `train.device` of a trial: under Ray, what the trial's GPU share allows (the local backend keeps
+    the recipe's). Raises RecipeError for a CUDA device in a trial that is given no GPU."""
+    if cfg.backend != "ray" or device == "cpu":
+        return device
+    if cfg.gpus_per_trial > 0:
+        return "cuda"  # Ray shows the trial its own GPU(s), numbered from 0
+    if device != "auto":
+        raise RecipeError(f"train.device is {device!r}, but the ray backend gives each trial no GPU "
+                          f"(gpus_per_trial 0): pass --gpus-per-trial 1 (or a share such as 0.5), or set "
+                          f"train.device: auto or cpu")
+    return "cpu"
+
+
 def step_keys(recipe: Recipe) -> list[str]:
     """One key per training step (baseline, then each stage): a hash of everything that decides the
     step's checkpoint. Steps from the first quantizing stage on also depend on the devices (the int8 scheme
@@ -169,7 +190,7 @@ class Sweep:
         cfg = parse_sweep(data, str(recipe_path))
         trials = [Trial(f"t{i:03d}", o) for i, o in enumerate(expand(cfg))]
         for t in trials:  # every trial's recipe is valid before anything is trained
-            trial_recipe(raw, t, recipe.name)
+            trial_device(cfg, trial_recipe(raw, t, recipe.name).train.device)
         sweep_dir = new_run_dir(out_root, f"{recipe.name}-sweep")
         shutil.copyfile(recipe_path, sweep_dir / "recipe.original.yaml")
         sweep = cls(sweep_dir, recipe.name, raw, trials, cfg, now())
@@ -196,7 +217,10 @@ class Sweep:
             "config": self.config.model_dump(mode="json"), "trials": [t.to_dict() for t in self.trials]})
 
     def recipe(self, trial: Trial) -> Recipe:
-        return trial_recipe(self.raw, trial, self.name)
+        """The trial's recipe, with the device its GPU share allows under Ray (`trial_device`)."""
+        recipe = trial_recipe(self.raw, trial, self.name)
+        recipe.train.device = trial_device(self.config, recipe.train.device)
+        return recipe
 
     def keys(self, trial: Trial) -> list[str]:
         return step_keys(self.recipe(trial))
@@ -479,4 +503,4 @@ def describe(sweep: Sweep) -> str:
 
 
 __all__ = ["Sweep", "Trial", "apply_overrides", "describe", "expand", "merge", "parse_grid_option", "run_sweep",
-           "run_trial", "step_keys"]
+           "run_trial", "step_keys", "trial_device"]

@@ -5,7 +5,8 @@ layers that usually carry the quantization error kept in float one group at a ti
 stem, then whole stages from the input side). neural-compressor's tuning monitor stops at the first
 candidate whose validation top-1 is within `tolerable_loss` (relative) of the float model's, so the model
 kept is the fastest that meets the goal. When none does, the most accurate candidate is kept and the
-report says so. Needs the `inc` extra (neural-compressor-pt).
+report says so. Calibration and every evaluation run on `train.device`; the candidates are converted and
+kept on the CPU. Needs the `inc` extra (neural-compressor-pt).
 """
 
 from __future__ import annotations
@@ -71,15 +72,17 @@ def autotune(model: Any, cfg: Any, ctx: Any, scheme: str) -> Any:
 
 
 def _autotune(model: Any, cfg: Any, ctx: Any, scheme: str) -> Any:
+    from rescompress.accel import train_device
     from rescompress.compress.quantize import quantize_ptq
     from rescompress.train import evaluate
 
     tune = cfg.autotune
     split = ctx.data.val if len(ctx.data.val) else ctx.data.train
     which = "validation" if len(ctx.data.val) else "training (no validation split)"
+    device = train_device(ctx.recipe.train)
 
-    def score(m: Any) -> float:
-        return evaluate(m, split, ctx.data.input_spec, ctx.recipe.train.eval_batch_size)
+    def score(m: Any) -> float:  # on the training device; the model (float or int8) stays on the CPU
+        return evaluate(m, split, ctx.data.input_spec, ctx.recipe.train.eval_batch_size, device=device)
 
     tuning = TuningConfig(config_set=candidates(model, cfg.observer), tolerable_loss=tune.tolerable_loss,
                           max_trials=tune.max_trials)

@@ -5,7 +5,9 @@ optionally also matching the teacher's stage outputs (layer1, layer2, ...) throu
            + feature_weight * mean over stages of MSE(adapter(student_stage), teacher_stage)
 
 The teacher is the run's baseline (default: after pruning, that is the unpruned model), the model before
-this stage, another registered model trained in the run, or a weights file.
+this stage, another registered model trained in the run, or a weights file. It runs beside the student on
+`train.device` (the loss functions list it in their `modules`, which `train.fit` moves with the model) and
+under the same autocast; it is handed back on the CPU with the student.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def kd_loss(teacher: "nn.Module", *, temperature: float, alpha: float, label_smo
         logits = model(x)
         return _blend(logits, t_logits, y, temperature, alpha, label_smoothing), logits
 
+    loss_fn.modules = (teacher,)  # type: ignore[attr-defined]  (fit moves the teacher with the student)
     return loss_fn
 
 
@@ -146,6 +149,7 @@ def feature_kd_loss(wrapper: "nn.Module", teacher: "nn.Module", names: list[str]
         mse = sum(F.mse_loss(model.adapters[n](feats["s"][n]), feats["t"][n].detach()) for n in names) / len(names)
         return loss + feature_weight * mse, logits
 
+    loss_fn.modules = (teacher,)  # type: ignore[attr-defined]  (fit moves the teacher with the student)
     try:
         yield loss_fn
     finally:
@@ -158,6 +162,7 @@ def _teacher(cfg: DistillConfig, ctx: StageContext) -> "nn.Module":
     """The teacher named by the config, trained here when it has no weights (resumable via work_dir)."""
     import torch
 
+    from rescompress.accel import train_device
     from rescompress.models import build_model, load_weights
     from rescompress.train import evaluate, fit
 
@@ -190,7 +195,8 @@ def _teacher(cfg: DistillConfig, ctx: StageContext) -> "nn.Module":
                 atomic_write(done, lambda p: torch.save(teacher.state_dict(), p))
         origin = f"trained here for {spec.epochs or ctx.recipe.train.epochs} epochs"
     spec_in = ctx.data.input_spec
-    acc = evaluate(teacher, ctx.data.test, spec_in, ctx.recipe.train.eval_batch_size)
+    acc = evaluate(teacher, ctx.data.test, spec_in, ctx.recipe.train.eval_batch_size,
+                   device=train_device(ctx.recipe.train))
     ctx.notes.append(f"teacher {spec.model} ({origin}): test top-1 {acc * 100:.2f}%")
     return teacher.eval()
 

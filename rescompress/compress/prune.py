@@ -21,6 +21,13 @@ plan and the stage's notes say so when it lands more than 10 % off the target.
 Iterative pruning reaches the target in `iterative_steps` equal steps (linear in the channel ratio, or
 geometric in MACs), re-scoring the channels before each step, with an `on_step` callback after each one
 (the stage fine-tunes there).
+
+Devices: the stage prunes on the CPU and trains on `train.device`. The dependency graph is traced in eval
+mode (no BatchNorm statistics move; each module's own mode is restored after), and channels are removed
+from the CPU model; taylor importance computes its gradients on the device and they come back with the
+parameters. Fine-tuning is `train.fit`, which moves the pruned model to the device and builds its optimizer
+there for the parameters as they now are: no optimizer holds the pre-pruning tensors. `prune_model` itself
+also works on a model that is on another device (the example batch follows the model).
 """
 
 from __future__ import annotations
@@ -132,8 +139,11 @@ def _groups(model: "nn.Module", example: "torch.Tensor") -> _Groups:
 
     classifier = getattr(model, CLASSIFIER, None)
     ignored = list(classifier.modules()) if isinstance(classifier, nn.Module) else []
+    from rescompress.accel import device_of
+
+    example = example[:1].to(device_of(model))
     with _eval_mode(model), torch.enable_grad():  # no BatchNorm statistics updates; DepGraph traces autograd
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example[:1])
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     names = {m: n for n, m in model.named_modules()}
     groups: dict[str, Any] = {}
     channels: dict[str, int] = {}
@@ -313,9 +323,12 @@ def prune_model(
         raise ValueError("taylor importance needs grad_fn to compute gradients before each step")
     criterion = make_importance(importance)
 
+    from rescompress.accel import device_of
+
     reference = model if reference is None else reference
+    example = example.to(device_of(model))
     original = channel_layout(reference)
-    macs0, params0 = count_macs(reference, example), count_params(reference)
+    macs0, params0 = count_macs(reference, example.to(device_of(reference))), count_params(reference)
     step_ratios: list[float] = []
     for step in range(first_step, iterative_steps + 1):
         if grad_fn is not None and importance == "taylor":
@@ -514,7 +527,8 @@ def restore_pruned(model: "nn.Module", path: "Path") -> "nn.Module":
 
 
 def _taylor_gradients(ctx: StageContext, batches_n: int) -> Callable[["nn.Module"], None]:
-    """grad_fn for taylor importance: summed cross-entropy gradients over `batches_n` training batches.
+    """grad_fn for taylor importance: summed cross-entropy gradients over `batches_n` training batches,
+    computed in fp32 on `train.device` (the gradients come back with the model).
 
     The model runs in eval mode, so scoring leaves its BatchNorm statistics as they are.
     """
@@ -523,12 +537,14 @@ def _taylor_gradients(ctx: StageContext, batches_n: int) -> Callable[["nn.Module
         import torch
         import torch.nn.functional as F
 
+        from rescompress.accel import on_device, train_device
         from rescompress.data import batches
 
+        device = train_device(ctx.recipe.train)
         model.zero_grad(set_to_none=True)
         data = batches(ctx.data.train, ctx.data.input_spec, ctx.recipe.train.batch_size, shuffle=True,
-                       seed=ctx.seed + ctx.index)
-        with _eval_mode(model), torch.enable_grad():
+                       seed=ctx.seed + ctx.index, device=device)
+        with on_device(model, device), _eval_mode(model), torch.enable_grad():
             for x, y in itertools.islice(data, batches_n):
                 F.cross_entropy(model(x), y).backward()
 

@@ -4,11 +4,34 @@ The captured graph uses `torch.export.export(..., strict=True)` with a dynamic b
 example batch of 2: non-strict capture leaves residual Adds and the pooling in float, and a batch of 1 would
 be specialised into the graph. A converted model is a `GraphModule` of quantize/dequantize ops around the
 float convolutions (the QDQ form every runtime's importer understands).
+
+Devices. QAT trains and PTQ calibrates on the recipe's device (accel.py); capture, prepare and convert run
+on the CPU, and the prepared graph is moved in between. Each CUDA trap this avoids or checks:
+
+- Capture on CUDA once traced BatchNorm as `cudnn_batch_norm`, which torchao's QAT conv-bn fusion did not
+  match, so conv-bn pairs trained unfused (and unannotated). Capture here is always on the CPU (a model on
+  another device is captured from a CPU copy), where torch 2.13's export keeps the device-neutral
+  `aten.batch_norm`; `check_prepared` then verifies that no convolution feeds a BatchNorm directly (every
+  pair fused) and that every convolution's weight passes through an observer or fake-quantizer, and raises
+  otherwise instead of training a graph that would not convert as meant.
+- prepare_qat_pt2e creates its FakeQuantize and observer state on the CPU whatever device the graph is on
+  (pytorch/pytorch#127783). Preparing on the CPU and moving the whole prepared graph afterwards puts the
+  observers' buffers on the device with the weights.
+- A CPU-captured graph cannot simply be `.cuda()`-ed (pytorch/pytorch#121761): device constants baked into
+  nodes (`device=cpu` of factory ops) and plain tensor attributes do not follow `Module.to`. `accel.move`
+  rewrites the nodes' device arguments, moves those attributes, and checks that nothing is left behind.
+- train/eval on a captured graph are torchao's `move_exported_model_to_train` / `_eval`, which rewrite
+  BatchNorm nodes by matching patterns traced on the graph's device. `bind_modes` checks after every switch
+  that each BatchNorm node is in the mode asked for, so a pattern that fails to match on a device is an
+  error, not BatchNorm silently left in the wrong mode.
+- `convert` always runs on the CPU (a graph on the GPU is moved back first): the int8 graph a GPU run hands
+  on is the one a CPU run would, and passes the same export lint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import threading
@@ -88,11 +111,13 @@ def bind_modes(model: GraphModule, *, observers: bool = True) -> GraphModule:
     model.rescompress_freeze_observers = not observers
 
     def _train(self: GraphModule, mode: bool = True) -> GraphModule:
+        bn_training = mode and not self.rescompress_freeze_bn
         with _quiet():
-            if mode and not self.rescompress_freeze_bn:
+            if bn_training:
                 move_exported_model_to_train(self)
             else:
                 move_exported_model_to_eval(self)
+        _check_batchnorm_mode(self, bn_training)
         self.apply(enable_observer if mode and not self.rescompress_freeze_observers else disable_observer)
         for m in self.modules():
             m.training = mode
@@ -103,14 +128,86 @@ def bind_modes(model: GraphModule, *, observers: bool = True) -> GraphModule:
     return model
 
 
-def prepare(model: nn.Module, example: torch.Tensor, quantizer, *, qat: bool) -> GraphModule:
-    """Capture `model` and insert observers (PTQ) or fake-quantize modules (QAT)."""
+# BatchNorm ops a captured graph may hold, all with `training` as their sixth argument
+_BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default",
+                "aten.native_batch_norm.default")
+
+
+def _batch_norm_nodes(gm: GraphModule) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in _BATCH_NORMS]
+
+
+def _check_batchnorm_mode(gm: GraphModule, training: bool) -> None:
+    """Every BatchNorm node of the graph uses batch statistics (`training`) or running ones (not)."""
+    wrong = [n.name for n in _batch_norm_nodes(gm) if len(n.args) > 5 and bool(n.args[5]) != training]
+    if wrong:
+        from rescompress.accel import device_of
+
+        raise RuntimeError(f"switching the captured graph to {'training' if training else 'eval'} mode left "
+                           f"{len(wrong)} BatchNorm node(s) ({', '.join(wrong[:3])}) in the other mode on "
+                           f"{device_of(gm)}: torchao's BatchNorm pattern did not match this graph's ops")
+
+
+def check_prepared(prepared: GraphModule, keep_float: tuple[str, ...] = ()) -> None:
+    """A prepared graph is as the quantizer meant it: no convolution feeds a BatchNorm directly (conv-bn
+    pairs fused for QAT, folded for PTQ) and every convolution's weight passes through an observer or
+    fake-quantizer (except in the `keep_float` modules). Raises RuntimeError naming the nodes otherwise."""
+    convs = [n for n in prepared.graph.nodes if n.op == "call_function" and str(n.target) == "aten.conv2d.default"]
+    bns = set(_batch_norm_nodes(prepared))
+    unfused = [c.name for c in convs if any(u in bns for u in c.users)]
+
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
+
+    filters = [get_module_name_filter(name) for name in keep_float]  # as ResNetQuantizer skips them
+
+    def kept(node) -> bool:
+        return any(f(node) for f in filters)
+
+    def observed(node) -> bool:  # the weight argument, through the fused pattern's scaling, from an observer
+        seen, todo = set(), [node.args[1]]
+        while todo:
+            arg = todo.pop()
+            if not isinstance(arg, torch.fx.Node) or arg in seen:
+                continue
+            seen.add(arg)
+            if arg.op == "call_module":
+                return True
+            if arg.op == "call_function" and str(arg.target) in ("aten.mul.Tensor", "aten.reshape.default",
+                                                                 "aten.view.default"):
+                todo.extend(a for a in arg.args if isinstance(a, torch.fx.Node))
+        return False
+
+    unobserved = [c.name for c in convs if not kept(c) and not observed(c)]
+    if unfused or unobserved:
+        from rescompress.accel import device_of
+
+        what = []
+        if unfused:
+            what.append(f"{len(unfused)} convolution(s) feed BatchNorm unfused ({', '.join(unfused[:3])})")
+        if unobserved:
+            what.append(f"{len(unobserved)} convolution weight(s) have no observer ({', '.join(unobserved[:3])})")
+        raise RuntimeError(f"the prepared int8 graph (on {device_of(prepared)}) is not as the quantizer meant it: "
+                           f"{'; '.join(what)}")
+
+
+def prepare(model: nn.Module, example: torch.Tensor, quantizer, *, qat: bool,
+            keep_float: tuple[str, ...] = ()) -> GraphModule:
+    """Capture `model` and insert observers (PTQ) or fake-quantize modules (QAT), then check the result
+    (`check_prepared`). Capture and preparation run on the CPU (a model elsewhere is captured from a CPU
+    copy, and left where it is); the prepared graph is returned on the model's device."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
-    graph = capture(model, example, train=qat)
+    from rescompress.accel import device_of, move
+
+    device = device_of(model)
+    if device.type != "cpu":
+        model = move(copy.deepcopy(model), "cpu")
+    graph = capture(model, example.cpu(), train=qat)
     with _quiet():
         prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer)
-    return bind_modes(prepared)
+    check_prepared(prepared, keep_float)
+    prepared = bind_modes(prepared)
+    return move(prepared, device) if device.type != "cpu" else prepared
 
 
 _FOLDING_PATCH = threading.Lock()
@@ -140,9 +237,14 @@ def _conv2d_bn_folding_only():
 
 
 def convert(prepared: GraphModule) -> GraphModule:
-    """Observers/fake-quantizers -> quantize/dequantize ops with int8 weights; BatchNorm folded."""
+    """Observers/fake-quantizers -> quantize/dequantize ops with int8 weights; BatchNorm folded. Runs on the
+    CPU (a prepared graph elsewhere is moved back first) and returns a CPU graph."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+    from rescompress.accel import device_of, move
+
+    if device_of(prepared).type != "cpu":
+        move(prepared, "cpu")
     prepared.eval()
     with _quiet(), _conv2d_bn_folding_only():
         converted = convert_pt2e(prepared)

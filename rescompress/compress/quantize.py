@@ -6,6 +6,11 @@ qat: capture -> fake-quantize -> train (optionally distilling from the float mod
 ptq: capture -> observe N batches of real training data -> convert; with `autotune`, neural-compressor's
      tuner walks configurations from the fastest (everything int8) to slower ones (sensitive layers kept
      in float) and keeps the first that meets the accuracy goal, or the most accurate when none does.
+
+Both capture and convert on the CPU and train or calibrate on `train.device` (compress/pt2e.py says how the
+prepared graph moves). QAT trains in fp32 whatever `train.precision` says: fake-quantization rounds float32
+values to the int8 grid, and its ranges and straight-through gradients are meant for float32 (the stage
+notes it when the recipe asks for bf16 or fp16).
 """
 
 from __future__ import annotations
@@ -125,12 +130,15 @@ def qat(model: "nn.Module", cfg: QATConfig, ctx: StageContext) -> "nn.Module":
     lr = cfg.lr if cfg.lr is not None else ctx.recipe.train.lr / 10
     fit(prepared, ctx.data, ctx.recipe.train, epochs=cfg.epochs, lr=lr, seed=ctx.seed + ctx.index + 1,
         console=ctx.console, state_path=ctx.work_dir / "train-state.pt", loss_fn=loss, epoch_hook=on_epoch,
-        desc=f"qat {scheme} (stage {ctx.index})")
+        desc=f"qat {scheme} (stage {ctx.index})", precision="fp32")
     ctx.console.print("converting to int8 ...")
     converted = pt2e.convert(prepared)
     ctx.notes.append(f"{_describe_scheme(scheme)}; {cfg.epochs} epochs at lr {lr:g}, BatchNorm frozen after "
                      f"epoch {freeze_bn}, ranges frozen after epoch {freeze_obs}"
                      + (f", distilled from the float model (T={cfg.temperature}, alpha={cfg.alpha})" if cfg.distill else ""))
+    if ctx.recipe.train.precision != "fp32":
+        ctx.notes.append(f"QAT trained in fp32, not train.precision {ctx.recipe.train.precision}: fake-quantization "
+                         f"needs float32 values (the precision applies to float training only)")
     ctx.record.update(precision="int8", scheme=scheme)
     return converted
 
@@ -138,8 +146,9 @@ def qat(model: "nn.Module", cfg: QATConfig, ctx: StageContext) -> "nn.Module":
 # ---------------------------------------------------------------------------------------------------- PTQ
 
 
-def calibration_batches(cfg: PTQConfig, ctx: StageContext) -> Iterator["torch.Tensor"]:
-    """Real training images (shuffled with the run's seed), or explicitly requested random noise."""
+def calibration_batches(cfg: PTQConfig, ctx: StageContext, device: Optional["torch.device"] = None) -> Iterator["torch.Tensor"]:
+    """Real training images (shuffled with the run's seed), or explicitly requested random noise, on `device`
+    (default: the CPU). The noise is drawn on the CPU, so it is the same on every device."""
     import torch
 
     from rescompress.data import batches
@@ -148,9 +157,11 @@ def calibration_batches(cfg: PTQConfig, ctx: StageContext) -> Iterator["torch.Te
     if cfg.calibration == "random":
         g = torch.Generator().manual_seed(ctx.seed)
         for _ in range(cfg.calibration_batches):
-            yield torch.randn(cfg.batch_size, spec.channels, spec.height, spec.width, generator=g)
+            x = torch.randn(cfg.batch_size, spec.channels, spec.height, spec.width, generator=g)
+            yield x if device is None else x.to(device)
         return
-    for i, (x, _) in enumerate(batches(ctx.data.train, spec, cfg.batch_size, shuffle=True, seed=ctx.seed + ctx.index)):
+    for i, (x, _) in enumerate(batches(ctx.data.train, spec, cfg.batch_size, shuffle=True, seed=ctx.seed + ctx.index,
+                                       device=device)):
         if i >= cfg.calibration_batches:
             return
         yield x
@@ -158,12 +169,15 @@ def calibration_batches(cfg: PTQConfig, ctx: StageContext) -> Iterator["torch.Te
 
 def quantize_ptq(model: "nn.Module", ctx: StageContext, cfg: PTQConfig, scheme: str, *, observer: str,
                  keep_float: tuple[str, ...] = (), progress=None) -> "nn.Module":
+    from rescompress import accel
     from rescompress.compress import pt2e
     from rescompress.compress.schemes import ResNetQuantizer
 
     quantizer = ResNetQuantizer(scheme, qat=False, observer=observer, keep_float=keep_float)
-    prepared = pt2e.prepare(model, ctx.example, quantizer, qat=False)
-    pt2e.calibrate(prepared, calibration_batches(cfg, ctx), progress=progress)
+    prepared = pt2e.prepare(model, ctx.example, quantizer, qat=False, keep_float=keep_float)
+    device = accel.train_device(ctx.recipe.train)
+    with accel.on_device(prepared, device):  # observers watch on the training device, conversion is on the CPU
+        pt2e.calibrate(prepared, calibration_batches(cfg, ctx, device), progress=progress)
     return pt2e.convert(prepared)
 
 
