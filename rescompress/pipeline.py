@@ -96,11 +96,13 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None, cache_dir: Optional
     """Validate everything that can be checked before training; raise a RescompressError otherwise.
     `cache_dir` holds the file index of an on-disk dataset (a run directory, or a sweep's): read from there
     when present, written there when not."""
+    from rescompress.accel import check_train
     from rescompress.models import MODELS, build_model, load_weights
     from rescompress.stages import check_order
 
     MODELS.get(recipe.model.name)  # unknown model: fails before the data loads
     check_order([s.kind for s in recipe.stages], [s.config for s in recipe.stages])
+    check_train(recipe.train)  # the training device and precision exist here (accel.DeviceError otherwise)
     devices, shadowed = load_devices(recipe.devices)
     check_exports(recipe, devices)
     data = load_data(recipe, cache_dir)
@@ -271,15 +273,17 @@ class Runner:
 
     def _stage_record(self, name: str, kind: str, model: Any, seconds: float, train_seconds: float,
                       notes: list[str], history: Optional[list] = None, extra: Optional[dict] = None) -> dict:
+        from rescompress.accel import train_device
         from rescompress.profile import profile
         from rescompress.rundir import checkpoint_suffix
         from rescompress.train import evaluate
 
         bs = self.recipe.train.eval_batch_size
         spec = self.data.input_spec
-        val = evaluate(model, self.data.val, spec, bs) if len(self.data.val) else None
+        device = train_device(self.recipe.train)
+        val = evaluate(model, self.data.val, spec, bs, device=device) if len(self.data.val) else None
         ckpt = Path("checkpoints") / f"{'00-' if name == 'baseline' else ''}{name}{checkpoint_suffix(model)}"
-        return {"name": name, "kind": kind, "top1": evaluate(model, self.data.test, spec, bs), "val_top1": val,
+        return {"name": name, "kind": kind, "top1": evaluate(model, self.data.test, spec, bs, device=device), "val_top1": val,
                 "precision": "fp32", **(extra or {}), **profile(model, self._example()), "seconds": round(seconds, 2),
                 "train_seconds": round(train_seconds, 2),
                 "checkpoint": str(ckpt), "notes": notes, "history": history or []}
