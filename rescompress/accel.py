@@ -16,6 +16,8 @@ checkpoints, exports, lint and latency measurement keep working from CPU copies.
   another precision).
 - `channels_last`: NHWC tensors for the model and each batch; convolutions on CUDA tensor cores are faster
   in it. The model is back in the default layout when a step hands it on.
+- On CUDA, `fit` lets cudnn search the fastest convolution algorithms for its input shapes while it runs
+  (`conv_autotuning`; the setting is restored afterwards). Evaluation and calibration do not.
 
 `move` places a model on a device. An eager module moves with `Module.to`; a PT2E graph (compress/pt2e.py)
 also needs the device constants baked into its nodes and its plain tensor attributes moved, and is checked
@@ -165,6 +167,21 @@ def is_channels_last(model: nn.Module) -> bool:
 def to_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A batch in the training memory format (4-D tensors only)."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+@contextlib.contextmanager
+def conv_autotuning(device: torch.device) -> Iterator[None]:
+    """On CUDA, cudnn picks the fastest convolution algorithm per input shape inside the block (training
+    shapes repeat every step, so the search pays for itself); the previous setting is restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 # ------------------------------------------------------------------------------------------------ moving

@@ -140,7 +140,7 @@ def fit(
     precision = precision or cfg.precision
     accel.check_precision(device, precision)
     extras = tuple(getattr(loss_fn, "modules", ()))
-    with accel.on_device(model, device, channels_last=cfg.channels_last, extras=extras):
+    with accel.on_device(model, device, channels_last=cfg.channels_last, extras=extras), accel.conv_autotuning(device):
         return _fit_on_device(model, data, cfg, epochs=epochs, base_lr=base_lr, seed=seed, console=console,
                               state_path=state_path, loss_fn=loss_fn, epoch_hook=epoch_hook, desc=desc,
                               augment=augment, device=device, precision=precision)

@@ -270,16 +270,26 @@ def test_prepare_checks_conv_bn_fusion_and_annotation():
         pt2e.check_prepared(kept)
 
 
-def test_a_batchnorm_mode_switch_that_does_not_match_is_an_error(monkeypatch):
+def test_a_batchnorm_mode_switch_the_pattern_misses_is_made_and_checked(monkeypatch):
     import torchao.quantization.pt2e as tq
 
     from rescompress.compress import pt2e
 
     graph = pt2e.capture(_tiny(), torch.zeros(2, 1, 8, 8), train=False)
-    monkeypatch.setattr(tq, "move_exported_model_to_train", lambda m: m)  # as if the pattern found nothing
+    monkeypatch.setattr(tq, "move_exported_model_to_train", lambda m: m)  # as if the pattern matched nothing
     bound = pt2e.bind_modes(graph)
     bound.eval()
-    with pytest.raises(RuntimeError, match=r"training mode left 9 BatchNorm node\(s\).*did not match"):
+    bound.train()
+    bns = pt2e._batch_norm_nodes(bound)
+    assert len(bns) == 9 and all(n.args[5] is True for n in bns)
+    stats = dict(bound.named_buffers())
+    before = {k: v.clone() for k, v in stats.items() if "running_mean" in k}
+    bound(torch.randn(4, 1, 8, 8))
+    assert any(not torch.equal(before[k], stats[k]) for k in before)  # batch statistics really are used
+    bound.eval()
+    assert all(n.args[5] is False for n in pt2e._batch_norm_nodes(bound))
+    bns[0].args = bns[0].args[:5]  # a BatchNorm node without a training argument cannot be switched
+    with pytest.raises(RuntimeError, match=r"training mode left 1 BatchNorm node\(s\).*did not match"):
         bound.train()
 
 

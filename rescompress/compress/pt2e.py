@@ -21,9 +21,10 @@ on the CPU, and the prepared graph is moved in between. Each CUDA trap this avoi
   nodes (`device=cpu` of factory ops) and plain tensor attributes do not follow `Module.to`. `accel.move`
   rewrites the nodes' device arguments, moves those attributes, and checks that nothing is left behind.
 - train/eval on a captured graph are torchao's `move_exported_model_to_train` / `_eval`, which rewrite
-  BatchNorm nodes by matching patterns traced on the graph's device. `bind_modes` checks after every switch
-  that each BatchNorm node is in the mode asked for, so a pattern that fails to match on a device is an
-  error, not BatchNorm silently left in the wrong mode.
+  BatchNorm nodes by matching patterns traced on the graph's device (a CUDA trace may name BatchNorm
+  differently from the CPU capture). `bind_modes` checks after every switch that each BatchNorm node is in
+  the mode asked for, sets the `training` argument itself on any node the pattern missed, and raises for
+  one it cannot switch: BatchNorm is never silently left in the wrong mode.
 - `convert` always runs on the CPU (a graph on the GPU is moved back first): the int8 graph a GPU run hands
   on is the one a CPU run would, and passes the same export lint.
 """
@@ -117,7 +118,7 @@ def bind_modes(model: GraphModule, *, observers: bool = True) -> GraphModule:
                 move_exported_model_to_train(self)
             else:
                 move_exported_model_to_eval(self)
-        _check_batchnorm_mode(self, bn_training)
+        _force_batchnorm_mode(self, bn_training)
         self.apply(enable_observer if mode and not self.rescompress_freeze_observers else disable_observer)
         for m in self.modules():
             m.training = mode
@@ -137,9 +138,19 @@ def _batch_norm_nodes(gm: GraphModule) -> list:
     return [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in _BATCH_NORMS]
 
 
-def _check_batchnorm_mode(gm: GraphModule, training: bool) -> None:
-    """Every BatchNorm node of the graph uses batch statistics (`training`) or running ones (not)."""
-    wrong = [n.name for n in _batch_norm_nodes(gm) if len(n.args) > 5 and bool(n.args[5]) != training]
+def _force_batchnorm_mode(gm: GraphModule, training: bool) -> None:
+    """After torchao's switch: every BatchNorm node uses batch statistics (`training`) or running ones (not).
+    A node torchao's pattern did not match (its patterns are traced on the graph's device, and a device may
+    trace BatchNorm as another op) gets its `training` argument set directly, the same change the pattern
+    makes, keeping the node's own momentum and eps; a node that cannot be switched is an error."""
+    fixed = False
+    for n in _batch_norm_nodes(gm):
+        if len(n.args) > 5 and isinstance(n.args[5], bool) and n.args[5] != training:
+            n.args = (*n.args[:5], training, *n.args[6:])
+            fixed = True
+    if fixed:
+        gm.recompile()
+    wrong = [n.name for n in _batch_norm_nodes(gm) if len(n.args) <= 5 or bool(n.args[5]) != training]
     if wrong:
         from rescompress.accel import device_of
 
