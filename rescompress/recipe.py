@@ -99,7 +99,8 @@ class TrainConfig(Strict):
                         description="where training, evaluation and calibration run: auto (CUDA when torch sees "
                                     "one), cpu, cuda or cuda:N; under torchrun each rank uses its LOCAL_RANK GPU")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="float training under autocast (fp16 with a gradient scaler); QAT always trains in fp32")
+        "fp32", description="float training under autocast (fp16 with a gradient scaler; bf16 needs an Ampere or newer "
+                            "GPU, and on CPUs without AMX/avx512_bf16 is slow); QAT always trains in fp32")
     channels_last: bool = Field(False, description="NHWC memory format for training (faster convolutions on CUDA)")
     sync_batchnorm: bool = Field(False, description="SyncBatchNorm across ranks under torchrun on CUDA (nccl)")
 
