@@ -133,7 +133,9 @@ TEST_RC=-1
 if [ "$IMPORT_OK" = 1 ]; then
     FILES=$(grep -l "pytest.mark.cuda" tests/test_*.py | tr '\n' ' ')
     log "pytest -m cuda $FILES"
-    RESCOMPRESS_CUDA_TESTS_ON=$DEVICE timeout 250 "$PY" -m pytest -m cuda -q -p no:cacheprovider -o timeout=150 \
+    # only the plugins named here: a machine's own pytest plugins may not match the pytest unpacked above
+    RESCOMPRESS_CUDA_TESTS_ON=$DEVICE PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 250 "$PY" -m pytest -m cuda -q \
+        -p no:cacheprovider -p pytest_timeout -o timeout=150 \
         --junitxml="$DETAIL/junit.xml" $FILES >"$DETAIL/pytest.log" 2>&1
     TEST_RC=$?
     tail -15 "$DETAIL/pytest.log" | tee -a "$DETAIL/gpu_check.log"
