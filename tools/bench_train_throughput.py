@@ -7,7 +7,8 @@
 
 Both loops train the same model (two copies of the same initial weights) on the same device, with the same
 batch size, threads, optimizer (SGD, momentum 0.9, Nesterov, weight decay 5e-4, constant learning rate),
-precision (autocast; fp16 with a GradScaler) and memory format, on the same images.
+precision (autocast; fp16 with a GradScaler) and memory format (channels_last on CUDA only, as in fit), on
+the same images.
 
 - rescompress: one `fit` call over `warmup + rounds` epochs, each epoch `--steps` batches: what a recipe's
   training step runs per epoch (batches from `rescompress.data.batches` normalised on the device, the
@@ -182,6 +183,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         torch.set_num_threads(args.threads)
     device = accel.resolve_device(args.device)
     accel.check_precision(device, args.precision)
+    requested = args.channels_last
+    args.channels_last = requested and device.type == "cuda"  # as fit does: channels_last applies on CUDA only
     batch_size = args.batch_size or (128 if device.type == "cuda" else 32)
     steps = args.steps or (16 if device.type == "cuda" else 6)
     data, what = build_data(args, steps * batch_size)
@@ -223,7 +226,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         "config": {
             "model": args.model, "size": args.size, "dataset": args.dataset, "data": what,
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "precision": args.precision, "channels_last": args.channels_last, "batch_size": batch_size,
+            "precision": args.precision, "channels_last": args.channels_last, "channels_last_requested": requested,
+            "batch_size": batch_size,
             "steps_per_round": steps, "images_per_round": images, "rounds": args.rounds, "warmup_rounds": args.warmup,
             "threads": torch.get_num_threads(), "plain_data": args.plain_data,
             "optimizer": f"SGD lr {args.lr:g} (constant), momentum 0.9, Nesterov, weight decay 5e-4",
