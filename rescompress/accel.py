@@ -15,7 +15,8 @@ checkpoints, exports, lint and latency measurement keep working from CPU copies.
   fake-quantizers' ranges and rounding must see float32 values (the stage notes it when the recipe asks for
   another precision).
 - `channels_last`: NHWC tensors for the model and each batch; convolutions on CUDA tensor cores are faster
-  in it. The model is back in the default layout when a step hands it on.
+  in it. The model is back in the default layout when a step hands it on. On the CPU it is not used (with a
+  note): torch's CPU convolution backward crashes on channels_last tensors with few channels.
 - On CUDA, `fit` lets cudnn search the fastest convolution algorithms for its input shapes while it runs
   (`conv_autotuning`; the setting is restored afterwards). Evaluation and calibration do not.
 
@@ -149,6 +150,16 @@ def grad_scaler(device: torch.device, precision: str) -> Optional["torch.amp.Gra
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(device.type)
+
+
+def use_channels_last(device: torch.device, requested: bool) -> tuple[bool, str]:
+    """Whether training uses channels_last on `device`, and a note when a request is not followed: only on
+    CUDA. On the CPU, torch 2.13's convolution backward corrupts memory (a double free, then a crash) on
+    channels_last tensors with few channels, such as an 8-channel stem or a layer pruned to 8 channels."""
+    if requested and device.type != "cuda":
+        return False, ("channels_last applies on CUDA only; training on the CPU in the default layout (torch's "
+                       "CPU convolutions crash on channels_last tensors with few channels)")
+    return requested, ""
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

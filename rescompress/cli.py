@@ -66,17 +66,15 @@ def run(
             console.print(plan.describe())
             console.print("[green]plan is valid[/green] (dry run: nothing was trained or written)")
             return
-        if overrides:  # pipeline.prepare_new reads the recipe file as it is
-            raise RescompressError("--set is checked by --dry-run only so far: a new run does not take it yet; "
-                                   "edit the recipe file instead")
         world = distributed.init_from_env()  # several processes under torchrun; rank 0 writes
         try:
-            _run(recipe, out, resume, world)
+            _run(recipe, out, resume, world, overrides)
         finally:
             distributed.shutdown()
 
 
-def _run(recipe: Optional[Path], out: Path, resume: Optional[Path], world: "distributed.World") -> None:
+def _run(recipe: Optional[Path], out: Path, resume: Optional[Path], world: "distributed.World",
+         overrides: list[str]) -> None:
     from rich.markup import escape
 
     from rescompress import pipeline
@@ -87,7 +85,7 @@ def _run(recipe: Optional[Path], out: Path, resume: Optional[Path], world: "dist
         opening = (f"resuming [bold]{run_dir}[/bold] (finished: {', '.join(done) or 'nothing yet'}); "
                    f"{pipeline.RESUME_REDOES}")
     else:
-        plan, run_dir, manifest = pipeline.prepare_new(recipe, out)
+        plan, run_dir, manifest = pipeline.prepare_new(recipe, out, overrides)
         opening = f"run directory: [bold]{run_dir}[/bold]"
     if not world.main:  # the other ranks train in step with rank 0 and stay silent
         pipeline.execute(plan, run_dir, manifest, Console(quiet=True))

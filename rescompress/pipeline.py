@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from rich.console import Console
 
@@ -578,8 +578,8 @@ class Runner:
         return np.concatenate(outs), np.concatenate(labels)
 
     def _accuracy(self, art: Any, run: Callable, splits: dict, reference: Any, where: str) -> dict:
-        """Top-1 of `run` on each split, and its parity with `reference` on the test split (the reference's
-        logits are computed once per reference and kept). A runtime that fails on the file is recorded
+        """Top-1 of `run` on each split, and its parity with `reference` on the test split (every artifact's
+        test logits are kept, so a reference's are computed once). A runtime that fails on the file is recorded
         (`top1_status: failed` and the message), not raised: the report is still written and the run ends
         with exit 1."""
         from rescompress.export.artifact import parity_of_logits
@@ -590,6 +590,8 @@ class Runner:
                 logits, labels = self._logits(run, split)
                 row[key] = float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
                 test_logits = logits if key == "top1" else test_logits
+            if run is art:  # kept: when a later export's reference is this artifact, its pass is not repeated
+                self._reference_logits.setdefault(art.name, test_logits)
             if reference is not None:
                 if reference.name not in self._reference_logits:
                     self._reference_logits[reference.name] = self._logits(reference, splits["top1"])[0]
@@ -805,15 +807,15 @@ def execute(plan: Plan, run_dir: Path, manifest: Manifest, console: Console) -> 
     return report
 
 
-def prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest]:
+def prepare_new(recipe_path: Path, out_root: Path, overrides: Sequence[str] = ()) -> tuple[Plan, Path, Manifest]:
     """Validate the recipe and create a fresh run directory holding the resolved recipe. Under torchrun,
     rank 0 creates it and the other ranks plan the same recipe into that directory."""
     if distributed.world().size <= 1:
-        return _prepare_new(recipe_path, out_root)
+        return _prepare_new(recipe_path, out_root, overrides)
     made: Any = None
     if distributed.is_main():
         try:
-            plan, run_dir, manifest = _prepare_new(recipe_path, out_root)
+            plan, run_dir, manifest = _prepare_new(recipe_path, out_root, overrides)
             made = str(run_dir)
         except RescompressError as exc:
             made = exc
@@ -822,12 +824,12 @@ def prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest
         raise made
     if distributed.is_main():
         return plan, run_dir, manifest
-    return (make_plan(load_recipe(recipe_path), source=recipe_path, cache_dir=Path(made)), Path(made),
+    return (make_plan(load_recipe(recipe_path, overrides), source=recipe_path, cache_dir=Path(made)), Path(made),
             Manifest.load(Path(made)))
 
 
-def _prepare_new(recipe_path: Path, out_root: Path) -> tuple[Plan, Path, Manifest]:
-    recipe = load_recipe(recipe_path)
+def _prepare_new(recipe_path: Path, out_root: Path, overrides: Sequence[str]) -> tuple[Plan, Path, Manifest]:
+    recipe = load_recipe(recipe_path, overrides)
     plan = make_plan(recipe, source=recipe_path)
     run_dir = new_run_dir(out_root, recipe.name or "run")
     if plan.data.file_index is not None:  # a resumed run reads it instead of scanning the dataset again

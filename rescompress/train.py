@@ -140,16 +140,19 @@ def fit(
     precision = precision or cfg.precision
     accel.check_precision(device, precision)
     extras = tuple(getattr(loss_fn, "modules", ()))
-    with accel.on_device(model, device, channels_last=cfg.channels_last, extras=extras), accel.conv_autotuning(device):
+    channels_last, why = accel.use_channels_last(device, cfg.channels_last)
+    if why:
+        console.print(f"[dim]{desc}: {why}[/dim]")
+    with accel.on_device(model, device, channels_last=channels_last, extras=extras), accel.conv_autotuning(device):
         return _fit_on_device(model, data, cfg, epochs=epochs, base_lr=base_lr, seed=seed, console=console,
                               state_path=state_path, loss_fn=loss_fn, epoch_hook=epoch_hook, desc=desc,
-                              augment=augment, device=device, precision=precision)
+                              augment=augment, device=device, precision=precision, channels_last=channels_last)
 
 
 def _fit_on_device(model: nn.Module, data: DatasetBundle, cfg: TrainConfig, *, epochs: int, base_lr: float,
                    seed: int, console: Console, state_path: Optional[Path], loss_fn: LossFn,
                    epoch_hook: Optional[Callable[[nn.Module, int], None]], desc: str, augment: tuple[str, ...],
-                   device: torch.device, precision: str) -> list[dict]:
+                   device: torch.device, precision: str, channels_last: bool) -> list[dict]:
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total = epochs * steps_per_epoch
     w = distributed.world()
@@ -186,7 +189,7 @@ def _fit_on_device(model: nn.Module, data: DatasetBundle, cfg: TrainConfig, *, e
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(epoch * steps_per_epoch + i, total, base_lr, cfg, steps_per_epoch)
                     with accel.autocast(device, precision):
-                        loss, logits = loss_fn(trained, accel.to_format(x, cfg.channels_last), y)
+                        loss, logits = loss_fn(trained, accel.to_format(x, channels_last), y)
                     running.add(loss, logits, y)
                     if (i + 1) % read_every == 0:
                         running.read()  # raises on a non-finite loss
@@ -211,7 +214,7 @@ def _fit_on_device(model: nn.Module, data: DatasetBundle, cfg: TrainConfig, *, e
                     "loss": loss_sum / max(1, seen),
                     "train_top1": correct / max(1, seen),
                     "val_top1": evaluate(model, data.val, data.input_spec, cfg.eval_batch_size,
-                                         channels_last=cfg.channels_last) if len(data.val) else None,
+                                         channels_last=channels_last) if len(data.val) else None,
                     "seconds": time.perf_counter() - t0,
                 }
                 history.append(row)

@@ -42,9 +42,23 @@ def write_jpegs(root: Path, per_class: int, size: tuple[int, int] = (288, 256), 
 
 
 def rescompress(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}  # wide enough that no line wraps
     return subprocess.run([sys.executable, "-m", "rescompress", *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=ROOT)
+
+
+def test_the_recipe_plans_with_only_its_data_root_set(tmp_path):
+    """As shipped: ResNet-50 at 224, planned on a folder given from the command line."""
+    write_jpegs(tmp_path / "images", per_class=10, size=(64, 48))
+    planned = rescompress("run", str(RECIPE), "--dry-run", "--set", f"data.root={tmp_path / 'images'}")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    out = planned.stdout
+    assert "model    resnet50" in out and "input 3x224x224" in out
+    assert "resize shorter side to 256, center crop 224x224 (bilinear)" in out
+    for name in ("onnx-int8", "tensorrt-int8", "tensorrt-fp16", "tflite-int8"):
+        assert name in out
+    missing = rescompress("run", str(RECIPE), "--dry-run")
+    assert missing.returncode == 2 and "needs `data.root" in missing.stdout + missing.stderr
 
 
 @pytest.mark.tflite
@@ -60,7 +74,7 @@ def test_resnet50_imagefolder_recipe_chain_on_a_tiny_folder(tmp_path):
     torch.save(build_model("resnet_tiny", num_classes=1000, in_channels=3, small_input=False).state_dict(), weights)
     sets = [f"data.root={tmp_path / 'images'}", f"model.weights={weights}", "model.name=resnet_tiny",
             "train.epochs=1", "train.batch_size=8", "train.eval_batch_size=16", "train.warmup_epochs=0",
-            "data.workers=2", "stages.0.prune.epochs=1", "stages.0.prune.taylor_batches=2",
+            "data.workers=2", "stages.0.prune.epochs=1", "stages.0.prune.round_to=8", "stages.0.prune.taylor_batches=2",
             "stages.1.distill.epochs=1", "report.latency.runs=3", "report.latency.warmup=1",
             "data.test_fraction=0.25", "data.val_fraction=0.2"]
     args = [a for s in sets for a in ("--set", s)]

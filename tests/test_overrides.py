@@ -60,9 +60,10 @@ def test_overrides_are_typed_like_grid_values_and_validated_with_the_recipe(reci
     ("train.epochs=", r"--set 'train\.epochs=': expected PATH=VALUE"),
 ])
 def test_a_bad_override_fails_like_a_recipe_error(recipe, tmp_path, option, match):
-    code, out = invoke("run", str(recipe), "--out", str(tmp_path / "runs"), "--set", option, "--dry-run")
-    assert code == 2 and "Traceback" not in out, out
-    assert re.search(match, out), out
+    for dry_run in (["--dry-run"], []):
+        code, out = invoke("run", str(recipe), "--out", str(tmp_path / "runs"), "--set", option, *dry_run)
+        assert code == 2 and "Traceback" not in out, out
+        assert re.search(match, out), out
     assert not (tmp_path / "runs").exists()
 
 
@@ -150,3 +151,17 @@ def test_a_hand_written_overrides_list_is_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"tiny\.yaml: overrides: is the record of --set options a resolved recipe "
                                           r"keeps \(they are applied already\)"):
         load_recipe(path)
+
+
+@pytest.mark.slow
+def test_a_run_uses_its_overrides_records_them_and_resumes(recipe, tmp_path):
+    code, out = invoke("run", str(recipe), "--out", str(tmp_path / "runs"), "--set", "train.epochs=1",
+                       "--set", "report.latency.runs=3")
+    assert code == 0, out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    resolved = yaml.safe_load((run_dir / RESOLVED).read_text(encoding="utf-8"))
+    assert resolved["overrides"] == ["train.epochs=1", "report.latency.runs=3"]
+    assert resolved["train"]["epochs"] == 1 and resolved["report"]["latency"]["runs"] == 3
+    assert (run_dir / "recipe.original.yaml").read_text(encoding="utf-8") == recipe.read_text(encoding="utf-8")
+    code, out = invoke("run", "--resume", str(run_dir))  # everything finished: the recorded recipe resumes
+    assert code == 0 and "resuming" in out, out
