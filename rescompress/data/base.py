@@ -397,8 +397,10 @@ def memory_batches(
             if "flip" in augment:
                 x = random_flip(x, g)
         y = split.labels[idx]
-        if device is not None and torch.device(device).type != "cpu":
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device is not None and torch.device(device).type == "cuda":  # pinned, so the copy is asynchronous
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        elif device is not None and torch.device(device).type != "cpu":
+            x, y = x.to(device), y.to(device)
         yield spec.normalize(x), y
 
 
