@@ -22,6 +22,31 @@ def write_recipe(path: Path, data) -> Path:
     return path
 
 
+def kill_during_training(recipe: Path, out: Path, *, after: float = 0.0, timeout: float = 300) -> Path:
+    """Start `rescompress run recipe --out out`, wait until the baseline has saved its first per-epoch state,
+    wait `after` more seconds, SIGKILL the process; returns the state file (asserting it was written)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rescompress", "run", str(recipe), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + timeout
+    state = None
+    while state is None and time.time() < deadline and proc.poll() is None:
+        state = next(iter(out.glob("*/checkpoints/baseline.state.pt")), None)
+        time.sleep(0.02)
+    time.sleep(after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert state is not None, "training never saved its per-epoch state"
+    return state
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     """A recipe that trains the tiny ResNet on part of digits for two epochs (seconds on 2 cores)."""

@@ -6,10 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 from rescompress.report import validate_report
-from tests.conftest import write_recipe
+from tests.conftest import kill_during_training, write_recipe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,22 +139,7 @@ def test_sigkill_mid_epoch_with_workers_then_resume_is_bit_identical(tmp_path):
     whole = rescompress("run", str(recipe), "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
 
-    out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rescompress", "run", str(recipe), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    state = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        found = list(out.glob("*/checkpoints/baseline.state.pt"))
-        if found:
-            state = found[0]
-            break
-        time.sleep(0.02)
-    assert state is not None, "training never saved its per-epoch state"
-    time.sleep(0.3)  # into the next epoch, with its loader workers busy
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    state = kill_during_training(recipe, tmp_path / "killed", after=0.3)  # into the next epoch, workers busy
     run_dir = state.parent.parent
     saved = torch.load(state, weights_only=True)["epoch"]
     assert 1 <= saved < 4, "the run was not killed mid-training"

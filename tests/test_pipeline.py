@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from rescompress.errors import ResumeError
 from rescompress.pipeline import RESUME_REDOES, execute, prepare_new, prepare_resume
 from rescompress.rundir import MANIFEST, Manifest
 from rescompress.report import validate_report
-from tests.conftest import TINY_RECIPE, write_recipe
+from tests.conftest import TINY_RECIPE, kill_during_training, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -139,21 +138,8 @@ def test_sigkill_during_training_then_resume(tmp_path):
     data["train"]["epochs"] = 6
     data["data"]["limit_train"] = 1000
     recipe = write_recipe(tmp_path / "long.yaml", data)
-    out = tmp_path / "runs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rescompress", "run", str(recipe), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    state = None
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        found = list(out.glob("*/checkpoints/baseline.state.pt"))
-        if found:
-            state = found[0]
-            break
-        time.sleep(0.05)
-    assert state is not None, "training never saved its per-epoch state"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    state = kill_during_training(recipe, tmp_path / "runs", timeout=240)
     run_dir = state.parent.parent
     assert not (run_dir / "report.json").exists()
     saved_epoch = torch.load(state, weights_only=True)["epoch"]
