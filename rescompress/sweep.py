@@ -178,7 +178,13 @@ class Sweep:
         recipe = load_recipe(recipe_path)  # the base recipe must be valid on its own
         raw = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
         data = (recipe.sweep or SweepConfig()).model_dump()
-        data["grid"] = {**data["grid"], **dict(parse_grid_option(g) for g in grid)}
+        given = [parse_grid_option(g) for g in grid]
+        paths = [path for path, _ in given]
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        if twice:
+            raise RecipeError(f"--grid {', '.join(twice)} is given more than once; list all its values in one "
+                              f"--grid PATH=V1,V2")
+        data["grid"] = {**data["grid"], **dict(given)}
         if random_trials is not None or seed is not None:
             rnd = data.get("random") or {"trials": random_trials or 1}
             rnd.update({k: v for k, v in (("trials", random_trials), ("seed", seed)) if v is not None})

@@ -88,6 +88,13 @@ def test_an_invalid_trial_fails_before_anything_is_created(tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
+def test_a_grid_path_given_twice_is_refused(tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", {**TINY_RECIPE, "stages": RAW["stages"][:1]})
+    with pytest.raises(RecipeError, match=r"--grid train.lr is given more than once; list all its values in one"):
+        Sweep.create(recipe, tmp_path / "runs", ["train.lr=0.1", "train.lr=0.2,0.3"], None, None, None, None,
+                     None, None)
+
+
 def test_sweep_dry_run_lists_trials_and_a_bad_path_exits_2(tmp_path):
     from typer.testing import CliRunner
 
