@@ -284,7 +284,8 @@ class _Decoded(torch.utils.data.Dataset):
 def _collate(items: list[tuple]) -> tuple:
     good = [it for it in items if it[0] is not None]
     bad = [(it[2], it[3]) for it in items if it[0] is None]
-    x = torch.stack([it[0] for it in good]) if good else None
+    # default_collate stacks straight into shared memory inside a worker (no private copy to hand over)
+    x = torch.utils.data.default_collate([it[0] for it in good]) if good else None
     y = torch.tensor([it[1] for it in good], dtype=torch.int64)
     return x, y, bad
 
