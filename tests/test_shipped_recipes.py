@@ -24,11 +24,17 @@ def test_the_documented_recipes_ship():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_shipped_recipe_plans(path):
+def test_shipped_recipe_plans(path, tmp_path):
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if data["data"]["name"] == "fashion_mnist" and not Path(FASHION_MNIST_ROOT).is_dir():
         ci.missing(f"Fashion-MNIST is not installed in {FASHION_MNIST_ROOT} (make fashion-mnist)")
-    recipe = load_recipe(path)
+    overrides = []
+    if data["data"]["name"] == "image_folder" and not data["data"].get("root"):  # the user's folder: --set data.root
+        from tests.test_data_files import write_folder
+
+        write_folder(tmp_path / "images", {"a": [(200, 30, 30)] * 6, "b": [(30, 30, 200)] * 6}, size=(40, 32))
+        overrides = [f"data.root={tmp_path / 'images'}"]
+    recipe = load_recipe(path, overrides)
     for entry in recipe.export:
         needed = TARGETS.get(entry.target).requires(entry.config)
         if needed and importlib.util.find_spec(needed[0]) is None:
