@@ -59,7 +59,7 @@ def load_dataset(
     if name in ON_DISK:
         options = options or StreamOptions()
         index, origin = loader(root, options.index_cache)
-        return stream_dataset(name, index, origin, image_size=image_size, channels=channels,
+        return stream_dataset(name, index, origin, source=str(root), image_size=image_size, channels=channels,
                               val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                               limit_train=limit_train, normalize=normalize, options=options)
     raw = loader(root if root is not None else _DEFAULT_ROOTS.get(name), image_size, channels)
@@ -311,7 +311,7 @@ def _pools(index: FileIndex, val_fraction: float, test_fraction: float, seed: in
     return named
 
 
-def stream_dataset(name: str, index: FileIndex, index_origin: str, *, image_size: int | None,
+def stream_dataset(name: str, index: FileIndex, index_origin: str, *, source: str, image_size: int | None,
                    channels: int | None, val_fraction: float, test_fraction: float, seed: int,
                    limit_train: int | None, normalize: Any, options: StreamOptions) -> DatasetBundle:
     """A bundle whose splits stay on disk and decode in loader workers."""
@@ -342,7 +342,7 @@ def stream_dataset(name: str, index: FileIndex, index_origin: str, *, image_size
     augment = ["random_resized_crop", "flip"] + (["color_jitter"] if options.color_jitter > 0 else [])
     bundle = DatasetBundle(name=name, train=splits["train"], val=splits["val"], test=splits["test"],
                            num_classes=len(index.classes), class_names=list(index.classes), input_spec=spec,
-                           augmentations=tuple(augment), source=index.root if index.kind != "manifest" else name,
+                           augmentations=tuple(augment), source=source,
                            file_index=index)
     bundle.streaming = {
         "workers": workers, "index": index_origin, "index_digest": index.digest(), "files": len(index),
