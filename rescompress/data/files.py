@@ -378,11 +378,12 @@ class FileSplit:
                                                   base.color_jitter)
             self._loaders.clear()
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        loader, sampler = self._loader(batch_size, rank, world, dev.type == "cuda")
-        sampler.shuffle, sampler.seed, sampler.epoch, sampler.train = shuffle, seed, epoch, train
-        return self._iterate(loader, spec, dev)
+        return self._iterate(spec, dev, (batch_size, rank, world, dev.type == "cuda"), (shuffle, seed, epoch, train))
 
-    def _iterate(self, loader: Any, spec: InputSpec, dev: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _iterate(self, spec: InputSpec, dev: torch.device, key: tuple,
+                 plan: tuple) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader, sampler = self._loader(*key)  # when iteration starts, so two pending calls cannot mix their plans
+        sampler.shuffle, sampler.seed, sampler.epoch, sampler.train = plan
         it = iter(loader)
         while True:
             try:
