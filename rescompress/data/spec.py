@@ -63,7 +63,7 @@ class InputSpec:
         size = f"{self.height}x{self.width}"
         resize = (f"resize shorter side to {self.resize}, center crop {size}" if self.resize is not None
                   else f"resize to {size}")
-        colour = "RGB" if self.channels == 3 else ("grey (luminance)" if self.channels == 1 else f"{self.channels}-channel")
+        colour = {3: "RGB", 1: "grey (luminance)"}.get(self.channels, f"{self.channels}-channel")
         mean = ", ".join(f"{m:.4f}" for m in self.mean)
         std = ", ".join(f"{s:.4f}" for s in self.std)
         return (f"{colour}, {resize} ({self.interpolation}), scale to [0, 1], subtract mean [{mean}], divide by "
