@@ -268,6 +268,11 @@ def test_a_dying_worker_ends_the_epoch_with_an_error(tmp_path, monkeypatch):
         return real(self, path)
 
     monkeypatch.setattr(EvalTransform, "__call__", die_on_b)
+    import multiprocessing
+
+    import rescompress.data.files as files
+
+    monkeypatch.setattr(files, "worker_context", lambda: multiprocessing.get_context("fork"))  # inherit the patch
     with pytest.raises(DataError, match="a data loader worker failed.*data.workers: 0"):
         list(batches(bundle.train, bundle.input_spec, 2))
 
@@ -278,3 +283,27 @@ def test_train_transform_validates_its_options():
         TrainTransform(base, scale=(0.0, 1.0))
     with pytest.raises(DataError, match="unknown augmentation"):
         TrainTransform(base, augment=("rotate",))
+
+
+def test_workers_start_from_a_fork_server_once_a_threaded_runtime_is_loaded(tmp_path, monkeypatch):
+    """After a TFLite conversion has loaded JAX or TensorFlow, forking would copy a process with their threads
+    (which can deadlock); the workers then start from a fork server, and give the same batches."""
+    import sys
+    import types
+
+    from rescompress.data.files import worker_context
+
+    write_folder(tmp_path, {"a": [(i * 30, 10, 10) for i in range(6)], "b": [(10, 10, i * 30) for i in range(6)]},
+                 size=(20, 16), suffix=".jpg")
+    kw = dict(root=str(tmp_path), image_size=8, val_fraction=0.0, test_fraction=0.25, normalize="imagenet")
+    aug = ("random_resized_crop", "flip")
+    forked = load_dataset("image_folder", options=opts(workers=2), **kw)
+    assert worker_context() is None or any(m in sys.modules for m in ("jax", "tensorflow"))
+    a = list(batches(forked.train, forked.input_spec, 4, shuffle=True, seed=2, augment=aug))
+    forked.train.close()
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))
+    assert worker_context().get_start_method() == "forkserver"
+    served = load_dataset("image_folder", options=opts(workers=2), **kw)
+    b = list(batches(served.train, served.input_spec, 4, shuffle=True, seed=2, augment=aug))
+    served.train.close()
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))

@@ -359,7 +359,8 @@ class FileSplit:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=sampler, num_workers=w, collate_fn=_collate, pin_memory=pin,
                 persistent_workers=w > 0, prefetch_factor=2 if w > 0 else None,
-                timeout=self.timeout if w > 0 else 0, worker_init_fn=_worker_init if w > 0 else None)
+                timeout=self.timeout if w > 0 else 0, worker_init_fn=_worker_init if w > 0 else None,
+                multiprocessing_context=worker_context() if w > 0 else None)
             self._loaders[key] = (loader, sampler)
         return self._loaders[key]
 
@@ -422,6 +423,23 @@ def check_stream_memory(image_size: int, channels: int, batch_size: int, workers
                         f"worker(s) needs about {_gib(need)} before the model's own memory, but only "
                         f"{_gib(free)} is available; lower data.image_size, train.batch_size / "
                         f"train.eval_batch_size or data.workers")
+
+
+THREADED_RUNTIMES = ("jax", "tensorflow")  # imported by the TFLite converters; their threads do not survive fork
+
+
+def worker_context() -> Any:
+    """How loader workers start: forked (the fast default), or from a fork server once a runtime that keeps
+    threads of its own is loaded in this process (a forked child of a process with JAX's or TensorFlow's
+    threads can deadlock; the fork server is a fresh process that imports only this module)."""
+    import multiprocessing
+    import sys
+
+    if not any(name in sys.modules for name in THREADED_RUNTIMES):
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def _worker_init(_: int) -> None:
