@@ -174,7 +174,13 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         x = chunk.to(torch.float64) / 255.0
         total += x.sum(dim=(0, 2, 3))
         squares += x.square().sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
+    return stats_from_sums(total, squares, images.shape[0] * images.shape[2] * images.shape[3])
+
+
+def stats_from_sums(total: torch.Tensor, squares: torch.Tensor,
+                    count: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) from sums of pixel values and of their squares over `count` pixels per channel;
+    std floored at 1e-3."""
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
     return tuple(mean.tolist()), tuple(std.tolist())

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from rescompress.data.base import check_batching, draw_seed, epoch_order, rank_slice
+from rescompress.data.base import check_batching, draw_seed, epoch_order, rank_slice, stats_from_sums
 from rescompress.data.spec import InputSpec
 from rescompress.data.transforms import TRAIN_AUGMENTATIONS, EvalTransform, TrainTransform
 from rescompress.errors import DataError
@@ -465,6 +465,4 @@ def streaming_stats(split: FileSplit, sample: int, seed: int) -> tuple[tuple[flo
     sub.close()
     if count == 0:
         raise DataError("no readable training image to compute normalisation statistics from")
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
-    return tuple(mean.tolist()), tuple(std.tolist()), n
+    return (*stats_from_sums(total, squares, count), n)
