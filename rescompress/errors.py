@@ -34,3 +34,7 @@ class PlanError(RescompressError):
 
 class ResumeError(RescompressError):
     """A run directory cannot be resumed."""
+
+
+class ModelImportError(RescompressError):
+    """A Keras, ONNX or foreign PyTorch model cannot be imported, or its import does not match the source."""

@@ -1,5 +1,8 @@
-"""ResNet family (torchvision-compatible keys, one ReLU per use), weight loading and freezing."""
+"""ResNet family (torchvision-compatible keys, one ReLU per use), graph models of imported networks, weight
+loading and freezing."""
 
+from rescompress.models.arch import build_arch, classifier_name, describe_arch
+from rescompress.models.graph import GRAPH_ARCH, GraphModel
 from rescompress.models.layout import channel_layout, conform_to_state_dict
 from rescompress.models.resnet import CLASSIFIER, MODELS, BasicBlock, Bottleneck, ResNet, build_model
 from rescompress.models.weights import (
@@ -13,6 +16,11 @@ from rescompress.models.weights import (
 )
 
 __all__ = [
+    "GRAPH_ARCH",
+    "GraphModel",
+    "build_arch",
+    "classifier_name",
+    "describe_arch",
     "CLASSIFIER",
     "FREEZE_MODES",
     "MODELS",
