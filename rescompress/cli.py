@@ -381,6 +381,46 @@ def lint(
         raise typer.Exit(1)
 
 
+@app.command("import")
+def import_(
+    model_file: Path = typer.Argument(..., help="a Keras model (.keras, .h5, or a SavedModel directory) or an ONNX file"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the checkpoint to write (default: FILE with the "
+                                                                 "suffix .pth, beside it)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, max=4096,
+                                             help="input height and width, for a model whose input size is dynamic"),
+    samples: int = typer.Option(32, "--samples", min=1, max=4096, help="seeded random inputs parity is measured on"),
+    tolerance: float = typer.Option(1e-4, "--tolerance", min=0.0, help="largest max |Δlogit| accepted (fp32)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (max_abs_diff, top1_agreement, ...)"),
+) -> None:
+    """Import a Keras or ONNX ResNet as a rescompress model; parity with the source runtime is measured."""
+    from rescompress import imports
+
+    with user_errors():
+        target = out if out is not None else model_file.with_name(model_file.name.rstrip("/").rsplit(".", 1)[0] + ".pth")
+        if target.exists() and not force:
+            raise RescompressError(f"{target} exists; choose another --out, or pass --force to overwrite it")
+        imported, source = imports.read_source(model_file, image_size=image_size)
+        parity = imports.measure_parity(imported, source, imports.random_inputs(imported, samples),
+                                        tolerance=tolerance, inputs="random")
+        imports.save_imported(target, imported, parity)
+    if as_json:
+        print(imports.to_json(imported, parity, target))
+        return
+    console.print(f"{imported.source['architecture']} → {imported.arch['name']} "
+                  f"({imported.num_classes} classes, input {imported.channels}x{imported.height}x{imported.width})",
+                  soft_wrap=True, markup=False)
+    console.print(f"preprocessing: {imported.preprocessing}", soft_wrap=True, markup=False)
+    for note in imported.notes:
+        console.print(f"note: {note}", soft_wrap=True, markup=False)
+    console.print(f"parity: max |Δlogit| {parity['max_abs_diff']:.3g} (tolerance {tolerance:g}) on {parity['n']} "
+                  f"seeded random inputs, source run by {parity['source_runtime']}; top-1 agreement: n/a "
+                  f"(no labels: use model.weights in a recipe to measure it on real images)",
+                  soft_wrap=True, markup=False)
+    console.print(f"[green]wrote[/green] {target} (+ {target.name}.json); use it as model.weights in a recipe",
+                  soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()
