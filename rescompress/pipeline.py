@@ -44,12 +44,15 @@ class Plan:
     source: Optional[Path] = None
     warnings: list[str] = field(default_factory=list)  # printed before the plan (e.g. a shadowed device profile)
     prune_reach: Optional[tuple[int, Any]] = None  # (index, TargetReach) of the first prune stage: what it reaches
+    start: Any = None  # imports.start.StartModel when model.weights is a Keras/ONNX file or an imported checkpoint
 
     @property
     def steps(self) -> list[str]:
         return ["baseline"] + [stage_step(i, s.kind) for i, s in enumerate(self.recipe.stages)] + ["export", "measure", "report"]
 
     def describe(self) -> str:
+        from rescompress.models.arch import describe_arch
+
         r, d = self.recipe, self.data
         lines = [
             f"recipe   {r.name}" + (f"  ({self.source})" if self.source else ""),
@@ -58,10 +61,14 @@ class Plan:
             + (f", streamed from disk by {d.streaming['workers']} worker(s) ({d.streaming['index']})"
                if d.streaming else ", in memory"),
             f"         eval transform: {d.input_spec.describe()}",
-            f"model    {self.arch['name']} ({self.arch['num_classes']} classes, {self.arch['in_channels']} input channels)",
+            f"model    {describe_arch(self.arch)} ({self.arch['num_classes']} classes, {self.arch['in_channels']} "
+            f"input channels)",
         ]
         if r.model.weights:
             lines.append(f"weights  {r.model.weights}: {self.weights_note}")
+        if self.start is not None:
+            lines.append(f"import   {self.start.describe()}")
+            lines += [f"         {note}" for note in self.start.notes]
         base = f"train {r.train.epochs} epochs" if r.train.epochs else "evaluate only (train.epochs: 0)"
         lines.append("steps")
         lines.append(f"  baseline          {base}, freeze {r.model.freeze}")
@@ -97,26 +104,82 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None, cache_dir: Optional
     `cache_dir` holds the file index of an on-disk dataset (a run directory, or a sweep's): read from there
     when present, written there when not."""
     from rescompress.accel import check_train
-    from rescompress.models import MODELS, build_model, load_weights
+    from rescompress.models import MODELS, build_arch, load_weights
     from rescompress.stages import check_order
 
-    MODELS.get(recipe.model.name)  # unknown model: fails before the data loads
+    start = open_start_model(recipe)
+    if start is None:
+        MODELS.get(recipe.model.name)  # unknown model: fails before the data loads
     check_order([s.kind for s in recipe.stages], [s.config for s in recipe.stages])
     check_train(recipe.train)  # the training device and precision exist here (accel.DeviceError otherwise)
     devices, shadowed = load_devices(recipe.devices)
     check_exports(recipe, devices)
-    data = load_data(recipe, cache_dir)
-    arch = resolve_arch(recipe, data)
+    data = load_data(recipe, cache_dir, start)
+    if start is not None:
+        measure_start_parity(recipe, start, data)
+        arch = start.arch_for(recipe.model.num_classes or data.num_classes)
+    else:
+        arch = resolve_arch(recipe, data)
     if arch["in_channels"] != data.input_spec.channels:
         raise WeightsError(f"model.in_channels is {arch['in_channels']} but the data has {data.input_spec.channels} "
                            f"channels; set data.channels: {arch['in_channels']} or drop model.in_channels")
     prune_reach = _check_prune_target(recipe, arch, data.input_spec)
     note = ""
-    if recipe.model.weights:
-        report = load_weights(build_model(**arch), recipe.model.weights, model_name=arch["name"])
+    if start is not None:
+        note = start.load_into(build_arch(arch))
+    elif recipe.model.weights:
+        report = load_weights(build_arch(arch), recipe.model.weights, model_name=arch["name"])
         note = report.note or f"{report.loaded} tensors fit"
+    warnings = shadowed + (start_warnings(recipe, start) if start is not None else [])
     return Plan(recipe=recipe, data=data, arch=arch, devices=devices, weights_note=note, source=source,
-                warnings=shadowed, prune_reach=prune_reach)
+                warnings=warnings, prune_reach=prune_reach, start=start)
+
+
+def open_start_model(recipe: Recipe) -> Any:
+    """The imported model `model.weights` names (a Keras or ONNX file, imported now, or a checkpoint written by
+    `rescompress import`), or None for a PyTorch state_dict or no weights."""
+    if not recipe.model.weights:
+        return None
+    from rescompress.imports.start import open_start
+
+    start = open_start(recipe.model.weights, image_size=recipe.data.image_size, channels=recipe.data.channels)
+    if start is not None and "name" in recipe.model.model_fields_set and recipe.model.name != start.arch["name"]:
+        raise PlanError(f"model.name is {recipe.model.name}, but {recipe.model.weights} imports as "
+                        f"{start.arch['name']}; drop model.name (an imported model brings its architecture)")
+    if start is not None and recipe.model.stem != "auto":
+        raise PlanError(f"model.stem: {recipe.model.stem} cannot change an imported model's architecture; drop it")
+    return start
+
+
+def measure_start_parity(recipe: Recipe, start: Any, data: Any) -> None:
+    """A model imported in this process is compared with its source on the recipe's own images (the validation
+    split, else the test split); a difference above the tolerance fails the plan."""
+    if start.imported is None:
+        return
+    import numpy as np
+
+    from rescompress.data import batches
+    from rescompress.imports.start import PARITY_IMAGES, measure_on_images
+
+    split = data.val if len(data.val) else data.test
+    part = split.subset(np.arange(min(PARITY_IMAGES, len(split))))
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in batches(part, data.input_spec, PARITY_IMAGES)])
+    labels = np.concatenate(ys)
+    if start.num_classes != data.num_classes:
+        labels = None  # the source predicts other classes: agreement is still measured, accuracy is not
+    measure_on_images(start, np.concatenate(xs), labels, recipe.model.import_tolerance)
+
+
+def start_warnings(recipe: Recipe, start: Any) -> list[str]:
+    out = []
+    if start.normalization is None and recipe.data.normalize == "auto":
+        out.append(f"{recipe.model.weights} records no input normalisation; the data is normalised with the training "
+                   "split's own statistics (data.normalize: dataset). Set data.normalize to what the model was "
+                   "trained with")
+    elif start.normalization is not None and recipe.data.normalize != "auto":
+        out.append(f"data.normalize is set, so it replaces the normalisation {recipe.model.weights} was trained "
+                   f"with (mean {start.normalization['mean']}, std {start.normalization['std']})")
+    return out
 
 
 INDEX_FILE = "data-index-{key}.json"
@@ -130,12 +193,15 @@ def index_path(recipe: Recipe, cache_dir: Path) -> Path:
     return cache_dir / INDEX_FILE.format(key=key)
 
 
-def resolve_normalize(recipe: Recipe) -> Any:
-    """`data.normalize` made concrete: `auto` is ImageNet statistics when the weights are an ImageNet
-    checkpoint (a 1000-class head), the training split's own statistics otherwise."""
+def resolve_normalize(recipe: Recipe, start: Any = None) -> Any:
+    """`data.normalize` made concrete: `auto` is the imported model's own normalisation when it records one,
+    ImageNet statistics when the weights are an ImageNet checkpoint (a 1000-class head), the training split's
+    own statistics otherwise."""
     n = recipe.data.normalize
     if n != "auto":
         return n if isinstance(n, str) else {"mean": list(n.mean), "std": list(n.std)}
+    if start is not None:
+        return "dataset" if start.normalization is None else {**start.normalization, "origin": "model"}
     if recipe.model.weights:
         from rescompress.models import read_state_dict
 
@@ -145,25 +211,31 @@ def resolve_normalize(recipe: Recipe) -> Any:
     return "dataset"
 
 
-def load_data(recipe: Recipe, cache_dir: Optional[Path] = None) -> Any:
+def load_data(recipe: Recipe, cache_dir: Optional[Path] = None, start: Any = None) -> Any:
     """The recipe's dataset: in memory for the small built-in sources, streamed from disk for image folders and
-    manifests (refused up front when a training batch would not fit in memory)."""
+    manifests (refused up front when a training batch would not fit in memory). An imported model's input size
+    and channels apply where the recipe leaves them unset."""
     from rescompress.data import ON_DISK, StreamOptions, load_dataset
     from rescompress.data.files import check_stream_memory, default_workers
 
     d = recipe.data
+    image_size = d.image_size or (start.height if start is not None else None)
+    channels = d.channels or (start.channels if start is not None else None)
+    if start is not None and start.height != start.width:
+        raise PlanError(f"{recipe.model.weights} takes {start.height}x{start.width} inputs; rescompress feeds square "
+                        "images (data.image_size)")
     options = None
     if d.name in ON_DISK:
         workers = default_workers() if d.workers is None else d.workers
-        check_stream_memory(d.image_size or 224, d.channels or 3, max(recipe.train.batch_size,
+        check_stream_memory(image_size or 224, channels or 3, max(recipe.train.batch_size,
                                                                       recipe.train.eval_batch_size), workers)
         options = StreamOptions(workers=workers, interpolation=d.interpolation, crop_fraction=d.crop_fraction,
                                 crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
                                 color_jitter=d.color_jitter, stats_images=d.stats_images, on_corrupt=d.on_corrupt,
                                 index_cache=index_path(recipe, cache_dir) if cache_dir is not None else None)
-    return load_dataset(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
+    return load_dataset(d.name, root=d.root, image_size=image_size, channels=channels,
                         val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=recipe.seed,
-                        limit_train=d.limit_train, normalize=resolve_normalize(recipe), options=options)
+                        limit_train=d.limit_train, normalize=resolve_normalize(recipe, start), options=options)
 
 
 def load_devices(names: list[str]) -> tuple[list[DeviceProfile], list[str]]:
@@ -191,10 +263,10 @@ def _check_prune_target(recipe: Recipe, arch: dict, spec: Any) -> Optional[tuple
     import torch
 
     from rescompress.compress.prune import check_target
-    from rescompress.models import build_model
+    from rescompress.models import build_arch
 
     try:
-        reach = check_target(recipe.stages[first].config, build_model(**arch),
+        reach = check_target(recipe.stages[first].config, build_arch(arch),
                              torch.zeros(1, spec.channels, spec.height, spec.width))
     except PlanError as exc:
         raise PlanError(f"stages[{first}].prune: {exc}") from None
@@ -309,7 +381,7 @@ class Runner:
     def baseline(self) -> Any:
         import torch
 
-        from rescompress.models import apply_freeze, build_model, load_weights
+        from rescompress.models import apply_freeze, build_arch, load_weights
         from rescompress.train import fit, training_clock
 
         step = "baseline"
@@ -318,9 +390,11 @@ class Runner:
             return self._load_step(step)
         t0 = time.time()
         torch.manual_seed(self.recipe.seed)
-        model = build_model(**self.plan.arch)
+        model = build_arch(self.plan.arch)
         notes = []
-        if self.recipe.model.weights:
+        if self.plan.start is not None:
+            notes.append(f"weights from {self.recipe.model.weights}: {self.plan.start.load_into(model)}")
+        elif self.recipe.model.weights:
             rep = load_weights(model, self.recipe.model.weights, model_name=self.plan.arch["name"])
             notes.append(f"weights from {self.recipe.model.weights}" + (f" ({rep.note})" if rep.note else ""))
         frozen = apply_freeze(model, self.recipe.model.freeze)
@@ -650,6 +724,29 @@ class Runner:
             self.console.print(f"  [yellow]{device.name}: {art.name}: {escape(taken.message)}[/yellow]", soft_wrap=True)
         return res
 
+    def source_accuracy(self) -> dict:
+        """The imported model's source, its parity with the import, and its own top-1 on the test and validation
+        splits, measured in its own runtime (TensorFlow for Keras, onnxruntime for ONNX)."""
+        start = self.plan.start
+        src = start.meta.get("source", {})
+        record = {"path": src.get("path"), "format": src.get("format"), "runtime": src.get("runtime"),
+                  "architecture": src.get("architecture"), "preprocessing": start.meta.get("preprocessing"),
+                  "parity": start.parity, "notes": list(start.notes), "top1": None, "val_top1": None}
+        if start.num_classes != self.data.num_classes:
+            return {**record, "top1_status": "skipped",
+                    "top1_message": f"the source model predicts {start.num_classes} classes, the data has "
+                                    f"{self.data.num_classes}"}
+        try:
+            run = start.source_runner()
+            splits = {"top1": self.data.test, **({"val_top1": self.data.val} if len(self.data.val) else {})}
+            for key, split in splits.items():
+                logits, labels = self._logits(run, split)
+                record[key] = float((logits.argmax(1) == labels).mean()) if len(labels) else None
+        except Exception as exc:  # the source runtime is gone or fails: a status in the report, not a crash
+            return {**record, "top1_status": "failed", "top1_message": f"{type(exc).__name__}: {exc}"}
+        self.console.print(f"source model ({record['runtime']}): test top-1 {record['top1'] * 100:.2f}%")
+        return {**record, "top1_status": "ok", "top1_source": f"{record['runtime']} on this host"}
+
     def report(self, art_rows: list[dict], devices: list[dict]) -> dict:
         from rescompress.bench.latency import provenance
         from rescompress.report import SCHEMA_VERSION, write_report
@@ -667,7 +764,8 @@ class Runner:
                     "seconds": round(sum(float(e.get("seconds", 0)) for e in self.manifest.data["steps"].values()), 1),
                     "steps": step_times(self.manifest.data["steps"])},
             "dataset": self.data.summary(),
-            "model": {"name": self.plan.arch["name"], "weights": self.recipe.model.weights, "arch": self.plan.arch},
+            "model": {"name": self.plan.arch["name"], "weights": self.recipe.model.weights, "arch": self.plan.arch,
+                      **({"import": self.source_accuracy()} if self.plan.start is not None else {})},
             "stages": stages,
             "artifacts": art_rows,
             "devices": devices,

@@ -36,6 +36,8 @@ class ModelConfig(Strict):
     in_channels: Optional[int] = Field(None, gt=0, description="default: the dataset's channels")
     stem: Literal["auto", "imagenet", "small"] = "auto"
     freeze: Literal["none", "backbone", "stages_1_2"] = "none"
+    import_tolerance: float = Field(1e-4, gt=0.0, description="a Keras/ONNX model in weights: largest max |Δlogit| "
+                                                               "against its source runtime (fp32)")
 
 
 class Normalization(Strict):

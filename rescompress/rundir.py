@@ -110,7 +110,7 @@ def load_checkpoint(path: Path, expected_sha: Optional[str], arch: dict) -> Any:
     """A model from `save_checkpoint`'s file, hash-checked when `expected_sha` is given."""
     import torch
 
-    from rescompress.models import build_model, conform_to_state_dict
+    from rescompress.models import build_arch, conform_to_state_dict
 
     if not path.is_file():
         raise ResumeError(f"checkpoint {path} is missing; the run cannot continue past it")
@@ -121,7 +121,7 @@ def load_checkpoint(path: Path, expected_sha: Optional[str], arch: dict) -> Any:
 
         return load_quantized(path)[0]
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(**arch)
+    model = build_arch(arch)
     conform_to_state_dict(model, payload["state_dict"])  # a pruned model's layer widths come from its tensors
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -163,7 +163,7 @@ def _teacher(cfg: DistillConfig, ctx: StageContext) -> "nn.Module":
     import torch
 
     from rescompress.accel import train_device
-    from rescompress.models import build_model, load_weights
+    from rescompress.models import build_arch, load_weights
     from rescompress.train import evaluate, fit
 
     if cfg.teacher == "previous":
@@ -175,9 +175,9 @@ def _teacher(cfg: DistillConfig, ctx: StageContext) -> "nn.Module":
             raise ValueError("distill: the run's baseline model is not available")
         return ctx.baseline().eval()
     spec = cfg.teacher
-    arch = {**ctx.arch, "name": spec.model}
+    arch = {**{k: v for k, v in ctx.arch.items() if k != "graph"}, "name": spec.model}
     torch.manual_seed(ctx.seed + 1000 + ctx.index)
-    teacher = build_model(**arch)
+    teacher = build_arch(arch)
     if spec.weights:
         load_weights(teacher, spec.weights, model_name=spec.model)
         origin = f"weights {spec.weights}"

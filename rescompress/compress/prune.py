@@ -135,10 +135,10 @@ def _groups(model: "nn.Module", example: "torch.Tensor") -> _Groups:
     import torch_pruning as tp
     from torch import nn
 
-    from rescompress.models.resnet import CLASSIFIER
+    from rescompress.models.arch import classifier_name
 
-    classifier = getattr(model, CLASSIFIER, None)
-    ignored = list(classifier.modules()) if isinstance(classifier, nn.Module) else []
+    head = classifier_name(model)
+    ignored = list(model.get_submodule(head).modules()) if head is not None else []
     from rescompress.accel import device_of
 
     example = example[:1].to(device_of(model))

@@ -202,12 +202,12 @@ def normalization(normalize: Any, channels: int, from_data: Any) -> tuple[tuple[
             raise DataError(f"data.normalize: imagenet needs RGB input (3 channels), the data has {channels}; "
                             f"use dataset, or give mean and std")
         return IMAGENET_MEAN, IMAGENET_STD, "imagenet"
-    if isinstance(normalize, dict) and set(normalize) == {"mean", "std"}:
+    if isinstance(normalize, dict) and set(normalize) - {"origin"} == {"mean", "std"}:
         mean, std = tuple(float(m) for m in normalize["mean"]), tuple(float(v) for v in normalize["std"])
         if len(mean) != channels or len(std) != channels:
             raise DataError(f"data.normalize needs {channels} mean and {channels} std values (one per channel), "
                             f"got {len(mean)} and {len(std)}")
-        return mean, std, "recipe"
+        return mean, std, str(normalize.get("origin", "recipe"))
     raise DataError(f"data.normalize must be auto, dataset, imagenet or {{mean: [...], std: [...]}}, got {normalize!r}")
 
 

@@ -89,7 +89,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file {path} holds no tensors (top-level keys: {keys})")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    check_finite(sd, path)
     return sd
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a state_dict holding NaN or Inf, naming the first such tensor (training from it fails later with
+    a misleading "lower the learning rate")."""
+    for key, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            bad = int((~torch.isfinite(t)).sum())
+            raise WeightsError(f"weights file {path}: tensor '{key}' holds {kind} ({bad} of {t.numel()} values); "
+                               "the file was saved after training diverged, or is damaged")
 
 
 def _stage_depths(sd: Mapping[str, torch.Tensor]) -> list[int]:
@@ -199,10 +211,14 @@ def apply_freeze(model: nn.Module, mode: str) -> int:
     if mode == "none":
         return 0
     named = list(model.named_parameters())
+    head = getattr(model, "classifier_name", CLASSIFIER)
     if mode == "backbone":
-        if not any(n.startswith(f"{CLASSIFIER}.") for n, _ in named):
-            raise ValueError(f"cannot freeze the backbone: the model has no '{CLASSIFIER}' classifier")
-        chosen = [p for n, p in named if not n.startswith(f"{CLASSIFIER}.")]
+        if head is None or not any(n.startswith(f"{head}.") for n, _ in named):
+            raise ValueError(f"cannot freeze the backbone: the model has no '{head or CLASSIFIER}' classifier")
+        chosen = [p for n, p in named if not n.startswith(f"{head}.")]
+    elif not hasattr(model, "stage_names"):
+        raise ValueError(f"freeze {mode} needs a ResNet with stages (layer1, layer2, ...); this model has none: "
+                         "use backbone or none")
     else:
         chosen = [p for n, p in named if n.startswith(_FREEZE_PREFIXES[mode])]
     for p in chosen:

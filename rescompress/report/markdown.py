@@ -160,6 +160,22 @@ def _summary(report: Mapping[str, Any]) -> Fields:
         items.append(("Data loading", text))
     weights = model.get("weights")
     items.append(("Model", f"{model['name']} ({'weights ' + weights if weights else 'trained in this run'})"))
+    source = model.get("import")
+    if source:
+        items.append(("Imported from", f"{fmt_text(source.get('architecture'))} ({fmt_text(source.get('format'))}); "
+                                       f"expects {fmt_text(source.get('preprocessing'))}"))
+        parity = source.get("parity") or {}
+        if parity.get("max_abs_diff") is not None:
+            text = (f"max |Δlogit| {parity['max_abs_diff']:.2g} against {fmt_text(parity.get('source_runtime'))} on "
+                    f"{parity.get('n')} {parity.get('inputs', '')} images")
+            if parity.get("top1_agreement") is not None:
+                text += f", top-1 agreement {fmt_pct(parity['top1_agreement'])} %"
+            items.append(("Import parity", text))
+        if source.get("top1") is not None:
+            items.append(("Source model top-1", f"{fmt_pct(source['top1'])} % test, {fmt_pct(source.get('val_top1'))} "
+                                                f"% val, measured in {fmt_text(source.get('runtime'))}"))
+        elif source.get("top1_message"):
+            items.append(("Source model top-1", f"{MISSING} ({source.get('top1_status')}: {source['top1_message']})"))
     items.append(("rescompress", report["rescompress_version"]))
     return Fields(items)
 
@@ -242,6 +258,8 @@ def _measured_on(row: Mapping[str, Any]) -> str:
 
 
 def _artifacts(report: Mapping[str, Any]) -> list[Block]:
+    source = report["model"].get("import") or {}
+    source_top1 = source.get("top1")
     rows = []
     for a in report["artifacts"]:
         parity = a.get("parity") or {}
@@ -254,12 +272,21 @@ def _artifacts(report: Mapping[str, Any]) -> list[Block]:
             _top1(a), _top1(a, "val_top1"), _measured_on(a), diff_text, fmt_pct(parity.get("top1_agreement")),
             fmt_bytes(a.get("size_bytes")), fmt_text(a.get("runtime")), _lint_summary(a),
         ])
-    blocks: list[Block] = [
-        Heading(2, "Artifacts"),
-        Table(["Artifact", "Target", "Precision", "From stage", "Status", "Top-1 %", "Val top-1 %",
-               "Top-1 measured on", "Parity max|Δ|", "Agreement %", "Size", "Runtime", "Lint"], rows,
-              frozenset({5, 6, 8, 9, 10})),
-    ]
+        if source_top1 is not None:
+            top1 = a.get("top1")
+            rows[-1].insert(6, fmt_pt(None if top1 is None else (top1 - source_top1) * 100))
+    columns = ["Artifact", "Target", "Precision", "From stage", "Status", "Top-1 %", "Val top-1 %",
+               "Top-1 measured on", "Parity max|Δ|", "Agreement %", "Size", "Runtime", "Lint"]
+    numeric = {5, 6, 8, 9, 10}
+    if source_top1 is not None:
+        label = {"keras": "Keras", "onnx": "ONNX"}.get(source.get("format") or "", "Source")
+        columns.insert(6, f"Δ vs {label} pt")
+        numeric = {5, 6, 7, 9, 10, 11}
+    blocks: list[Block] = [Heading(2, "Artifacts"), Table(columns, rows, frozenset(numeric))]
+    if source_top1 is not None:
+        blocks.append(Paragraph(f"{columns[6]}: each artifact's test top-1 minus the original {label} model's, "
+                                f"{fmt_pct(source_top1)} %, measured in {fmt_text(source.get('runtime'))} on the same "
+                                "test images."))
     problems = [f"{a['name']} ({a['status']}): {fmt_text(a.get('message'))}"
                 for a in report["artifacts"] if a["status"] != "ok"]
     problems += [f"{a['name']}: no top-1: {fmt_text(a.get('top1_message'))}"

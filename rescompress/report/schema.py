@@ -25,7 +25,12 @@ Top level (all required):
   on-disk sources): `workers`, `files`, `index`, `on_corrupt`, `skipped_files`, `skipped_examples`,
   `train_transform`.
 - `model` (object): `name` (str): the registry name, e.g. "resnet20";
-  `weights` (str, optional): the weights file loaded; null when the baseline was trained in the run.
+  `weights` (str, optional): the weights file loaded; null when the baseline was trained in the run;
+  `arch` (object, optional): the architecture record (registry arguments, or a graph spec);
+  `import` (object, optional, when the weights are an imported Keras/ONNX model): `path`, `format`, `runtime`,
+  `architecture`, `preprocessing` (str), `parity` (object: `max_abs_diff`, `top1_agreement`, `n`, `inputs`
+  "real" | "random", `source_runtime`, `tolerance`), `top1`, `val_top1` (fractions or null: the source model's
+  own top-1 in its runtime), `top1_status` ("ok" | "failed" | "skipped"), `top1_message`, `notes`.
 - `stages` (list): one object per finished pipeline stage, in order; "baseline" is always first.
   - `name` (str), `kind` (str, optional: "train", "eval", "prune", "distill", "qat", "ptq", ...)
   - `top1` (fraction): test-split top-1 of the stage's torch model; `val_top1` (fraction, optional)
@@ -297,6 +302,10 @@ def validate_report(report: Mapping[str, Any]) -> None:
     c.field(dataset, "streaming", "object", "dataset", required=False)
     c.field(model, "name", "str", "model", required="model" in report)
     c.field(model, "weights", "str", "model", required=False)
+    source = c.field(model, "import", "object", "model", required=False) or {}
+    c.field(source, "top1", "fraction", "model.import", required=False)
+    c.field(source, "val_top1", "fraction", "model.import", required=False)
+    c.field(source, "parity", "object", "model.import", required=False)
 
     stages = c.items(report, "stages", "")
     for path, stage in stages:
