@@ -247,6 +247,9 @@ def read_keras_model(kmodel: Any, path: Path, *, image_size: Optional[int] = Non
     import keras
     import tensorflow as tf
 
+    if type(kmodel).__name__ not in ("Functional", "Sequential"):
+        raise ModelImportError(f"{path} holds a subclassed Keras model ({type(kmodel).__name__}), whose layer graph "
+                               f"cannot be read; {SAVE_FUNCTIONAL}")
     shape = _input_shape(kmodel, image_size, channels)
     try:
         from rescompress.imports.keras_apps import import_keras_application, match_keras_application
@@ -563,7 +566,7 @@ class KerasSource:
     def _run(self, model: Any, x: np.ndarray) -> list[np.ndarray]:
         outs: list[list[np.ndarray]] = []
         for i in range(0, len(x), self.batch):
-            y = model(x[i:i + self.batch], training=False)
+            y = model([x[i:i + self.batch]], training=False)  # a list: the structure of a one-input model
             ys = y if isinstance(y, (list, tuple)) else [y]
             outs.append([np.asarray(t) for t in ys])
         return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
