@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -63,19 +64,26 @@ def _unreadable(path: Path, err: Exception) -> WeightsError:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state_dict (bare, or under "state_dict"/"model") on CPU with weights_only=True.
+    """Load a state_dict (bare, or under "state_dict"/"model") on CPU with weights_only=True, or from a
+    `.safetensors` file (timm and Hugging Face checkpoints).
 
-    A leading "module." (from DataParallel) is stripped. Non-tensor entries are dropped.
+    A leading "module." (from DataParallel) is stripped. Non-tensor entries are dropped. timm's training
+    checkpoints (state_dict, state_dict_ema, optimizer, and the run's argparse.Namespace) load as well: the
+    Namespace is allowed as plain data; "state_dict" (not the EMA copy) is taken.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise WeightsError(f"cannot read weights file {path}: it is not a PyTorch checkpoint (the file is empty)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler meets arbitrary bytes: any parse failure means "not a checkpoint"
-        raise _unreadable(path, e) from e
+    if path.suffix == ".safetensors":
+        obj = _read_safetensors(path)
+    else:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # the unpickler meets arbitrary bytes: any parse failure means "not a checkpoint"
+            raise _unreadable(path, e) from e
 
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -102,6 +110,16 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
             bad = int((~torch.isfinite(t)).sum())
             raise WeightsError(f"weights file {path}: tensor '{key}' holds {kind} ({bad} of {t.numel()} values); "
                                "the file was saved after training diverged, or is damaged")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"cannot read weights file {path}: it is not a safetensors file ({e})") from None
 
 
 def _stage_depths(sd: Mapping[str, torch.Tensor]) -> list[int]:
