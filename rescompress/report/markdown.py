@@ -163,7 +163,7 @@ def _summary(report: Mapping[str, Any]) -> Fields:
     source = model.get("import")
     if source:
         items.append(("Imported from", f"{fmt_text(source.get('architecture'))} ({fmt_text(source.get('format'))}); "
-                                       f"expects {fmt_text(source.get('preprocessing'))}"))
+                                       f"input: {fmt_text(source.get('preprocessing'))}"))
         parity = source.get("parity") or {}
         if parity.get("max_abs_diff") is not None:
             text = (f"max |Δlogit| {parity['max_abs_diff']:.2g} against {fmt_text(parity.get('source_runtime'))} on "
