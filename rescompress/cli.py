@@ -384,8 +384,8 @@ def lint(
 @app.command("import")
 def import_(
     model_file: Path = typer.Argument(..., help="a Keras model (.keras, .h5, or a SavedModel directory) or an ONNX file"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the checkpoint to write (default: FILE with the "
-                                                                 "suffix .pth, beside it)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the checkpoint to write (default: beside FILE, "
+                                                                 "named FILE.pth, or FILE-imported.pth for a .pth)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=1, max=4096,
                                              help="input height and width, for a model whose input size is dynamic"),
     samples: int = typer.Option(32, "--samples", min=1, max=4096, help="seeded random inputs parity is measured on"),
@@ -397,12 +397,18 @@ def import_(
     from rescompress import imports
 
     with user_errors():
-        target = out if out is not None else model_file.with_name(model_file.name.rstrip("/").rsplit(".", 1)[0] + ".pth")
+        stem = model_file.name.rsplit(".", 1)[0] if model_file.suffix else model_file.name
+        target = out or model_file.with_name(stem + ".pth")
+        if out is None and target.resolve() == model_file.resolve():
+            target = model_file.with_name(stem + "-imported.pth")
         if target.exists() and not force:
             raise RescompressError(f"{target} exists; choose another --out, or pass --force to overwrite it")
         imported, source = imports.read_source(model_file, image_size=image_size)
-        parity = imports.measure_parity(imported, source, imports.random_inputs(imported, samples),
-                                        tolerance=tolerance, inputs="random")
+        if source is None:
+            parity = imports.unmeasured(imported)
+        else:
+            parity = imports.measure_parity(imported, source, imports.random_inputs(imported, samples),
+                                            tolerance=tolerance, inputs="random")
         imports.save_imported(target, imported, parity)
     if as_json:
         print(imports.to_json(imported, parity, target))
@@ -413,10 +419,13 @@ def import_(
     console.print(f"preprocessing: {imported.preprocessing}", soft_wrap=True, markup=False)
     for note in imported.notes:
         console.print(f"note: {note}", soft_wrap=True, markup=False)
-    console.print(f"parity: max |Δlogit| {parity['max_abs_diff']:.3g} (tolerance {tolerance:g}) on {parity['n']} "
-                  f"seeded random inputs, source run by {parity['source_runtime']}; top-1 agreement: n/a "
-                  f"(no labels: use model.weights in a recipe to measure it on real images)",
-                  soft_wrap=True, markup=False)
+    if parity["max_abs_diff"] is None:
+        console.print(f"parity: {parity['status']}", soft_wrap=True, markup=False)
+    else:
+        console.print(f"parity: max |Δlogit| {parity['max_abs_diff']:.3g} (tolerance {tolerance:g}) on "
+                      f"{parity['n']} seeded random inputs, source run by {parity['source_runtime']}; top-1 "
+                      f"agreement: n/a (no labels: use model.weights in a recipe to measure it on real images)",
+                      soft_wrap=True, markup=False)
     console.print(f"[green]wrote[/green] {target} (+ {target.name}.json); use it as model.weights in a recipe",
                   soft_wrap=True)
 

@@ -732,6 +732,9 @@ class Runner:
         record = {"path": src.get("path"), "format": src.get("format"), "runtime": src.get("runtime"),
                   "architecture": src.get("architecture"), "preprocessing": start.meta.get("preprocessing"),
                   "parity": start.parity, "notes": list(start.notes), "top1": None, "val_top1": None}
+        if record["format"] == "torch":
+            return {**record, "top1_status": "skipped",
+                    "top1_message": "the source is a PyTorch state_dict: the baseline's torch top-1 is its top-1"}
         if start.num_classes != self.data.num_classes:
             return {**record, "top1_status": "skipped",
                     "top1_message": f"the source model predicts {start.num_classes} classes, the data has "

@@ -138,3 +138,19 @@ def test_the_keras_users_loop_closes(trained_keras, tmp_path):
     assert "Δ vs Keras pt" in md and "Source model top-1" in md
     rec = report["devices"][0].get("recommendation")
     assert rec is not None and rec["artifact"].startswith("tflite")
+
+
+def test_import_of_a_torchvision_state_dict_loads_it_as_is(tmp_path):
+    from rescompress.models import build_model
+
+    torch.save(build_model("resnet18", num_classes=1000).state_dict(), tmp_path / "resnet18.pth")
+    result = invoke("import", str(tmp_path / "resnet18.pth"), "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["architecture"] == "resnet18" and record["max_abs_diff"] is None
+    assert record["parity"]["status"].startswith("not measured")
+    assert record["input"]["normalization"]["mean"] == [0.485, 0.456, 0.406]  # a 1000-class ImageNet head
+    assert (tmp_path / "resnet18-imported.pth").is_file()  # never over the input file
+    torch.save({"conv.weight": torch.zeros(2, 2, 1, 1)}, tmp_path / "other.pt")
+    result = invoke("import", str(tmp_path / "other.pt"))
+    assert result.exit_code == 2 and "not of a ResNet rescompress builds" in " ".join(result.output.split())

@@ -33,8 +33,9 @@ def is_foreign(path: str | Path) -> bool:
 
 
 def read_source(path: str | Path, *, image_size: Optional[int] = None,
-                channels: Optional[int] = None) -> tuple[Imported, Source]:
-    """Import a Keras or ONNX model file; returns the import and its source model (for parity)."""
+                channels: Optional[int] = None) -> tuple[Imported, Optional[Source]]:
+    """Import a Keras, ONNX or PyTorch model file; returns the import and its source model for parity (None for
+    a PyTorch state_dict: it is loaded as is)."""
     p = Path(path)
     if not p.exists():
         raise ModelImportError(f"model file not found: {p}")
@@ -46,9 +47,12 @@ def read_source(path: str | Path, *, image_size: Optional[int] = None,
         from rescompress.imports.keras_import import read_keras
 
         return read_keras(p, image_size=image_size, channels=channels)
+    from rescompress.imports.torch_import import TORCH_SUFFIXES, read_torch
+
+    if p.suffix.lower() in TORCH_SUFFIXES:
+        return read_torch(p, image_size=image_size, channels=channels), None
     raise ModelImportError(f"{p}: not a model file rescompress imports (Keras .keras, .h5 or a SavedModel "
-                           "directory, or .onnx); a PyTorch state_dict (torchvision, timm) needs no import: give it "
-                           "as model.weights")
+                           "directory, .onnx, or a PyTorch state_dict: .pt, .pth, .safetensors)")
 
 
 def random_inputs(imported: Imported, n: int, seed: int = 0) -> np.ndarray:
@@ -151,6 +155,13 @@ def measure_parity(imported: Imported, source: Source, x: np.ndarray, labels: Op
     return record
 
 
+def unmeasured(imported: Imported) -> dict:
+    """The parity record of an import with no other runtime to compare with (a PyTorch state_dict)."""
+    return {"max_abs_diff": None, "tolerance": None, "n": 0, "inputs": None, "source_runtime": None,
+            "top1_agreement": None, "source_top1": None, "top1": None,
+            "status": "not measured: a PyTorch state_dict in torchvision's layout is loaded as is"}
+
+
 def checkpoint_payload(imported: Imported, parity: dict) -> dict:
     """What `save_imported` writes: plain data plus the state_dict (no pickled code)."""
     spec = {"channels": imported.channels, "height": imported.height, "width": imported.width,
@@ -190,6 +201,8 @@ def read_imported(path: str | Path) -> Optional[dict]:
 
 def summary(parity: dict) -> str:
     """One line: "max |Δlogit| 3.1e-06 vs tensorflow 2.21.0 on 32 random inputs; top-1 agreement 100.00 %"."""
+    if parity.get("max_abs_diff") is None:
+        return str(parity.get("status", "not measured"))
     text = (f"max |Δlogit| {parity['max_abs_diff']:.2e} vs {parity['source_runtime']} on {parity['n']} "
             f"{parity['inputs']} inputs")
     if parity.get("top1_agreement") is not None:

@@ -132,6 +132,15 @@ def _stage_depths(sd: Mapping[str, torch.Tensor]) -> list[int]:
         depths.append(max(idx) + 1)
 
 
+def registry_name(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registry ResNet whose blocks and depths a state_dict has (widths may be pruned), or None."""
+    depths = _stage_depths(state_dict)
+    if "conv1.weight" not in state_dict or not depths:
+        return None
+    block = "Bottleneck" if "layer1.0.conv3.weight" in state_dict else "BasicBlock"
+    return _KNOWN.get((block, tuple(depths)), (None, ()))[0]
+
+
 def guess_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Describe the ResNet a state_dict holds, e.g. "resnet20-like (CIFAR-style, BasicBlock 3/3/3, ...)"."""
     sd = state_dict
