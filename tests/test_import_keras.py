@@ -253,3 +253,18 @@ def test_not_a_model_file(tmp_path):
     (tmp_path / "broken.keras").write_bytes(b"not a zip")
     with pytest.raises(ModelImportError, match=r"not a Keras \.keras archive"):
         read_source(tmp_path / "broken.keras")
+
+
+def test_the_import_command_exits_2_with_one_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from rescompress.cli import app
+
+    inp = keras.Input((8, 8, 3))
+    x = layers.DepthwiseConv2D(3, name="dw")(inp)
+    keras.Model(inp, layers.Dense(2)(layers.Flatten()(x))).save(tmp_path / "dw.keras")
+    result = CliRunner().invoke(app, ["import", str(tmp_path / "dw.keras")], catch_exceptions=False)
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert text.startswith("error: layer 'dw' of type DepthwiseConv2D is not supported; supported:")
+    assert "Traceback" not in result.output and not (tmp_path / "dw.pth").exists()
