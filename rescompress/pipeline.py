@@ -118,6 +118,7 @@ def make_plan(recipe: Recipe, source: Optional[Path] = None, cache_dir: Optional
     if start is not None:
         measure_start_parity(recipe, start, data)
         arch = start.arch_for(recipe.model.num_classes or data.num_classes)
+        check_graph_model(recipe, arch)
     else:
         arch = resolve_arch(recipe, data)
     if arch["in_channels"] != data.input_spec.channels:
@@ -149,6 +150,21 @@ def open_start_model(recipe: Recipe) -> Any:
     if start is not None and recipe.model.stem != "auto":
         raise PlanError(f"model.stem: {recipe.model.stem} cannot change an imported model's architecture; drop it")
     return start
+
+
+def check_graph_model(recipe: Recipe, arch: dict) -> None:
+    """What needs a ResNet's stage modules (layer1, layer2, ...) is refused for a graph model up front."""
+    from rescompress.models import GRAPH_ARCH
+
+    if arch["name"] != GRAPH_ARCH:
+        return
+    if recipe.model.freeze == "stages_1_2":
+        raise PlanError("model.freeze: stages_1_2 needs a ResNet with stages (layer1, layer2, ...); the imported graph "
+                        "model has none: use backbone or none")
+    for i, s in enumerate(recipe.stages):
+        if s.kind == "distill" and getattr(s.config, "feature_weight", 0.0) > 0:
+            raise PlanError(f"stages[{i}].distill: feature_weight needs a ResNet with stages (layer1, layer2, ...) "
+                            "to match; the imported graph model has none: set feature_weight: 0")
 
 
 def measure_start_parity(recipe: Recipe, start: Any, data: Any) -> None:

@@ -24,7 +24,9 @@ from rescompress.models import (
     set_train_mode,
 )
 
-ALL = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet50", "resnet56", "resnet_tiny"]
+ALL = ["resnet101", "resnet101_keras", "resnet101v2_keras", "resnet152", "resnet152_keras", "resnet152v2_keras",
+       "resnet18", "resnet20", "resnet32", "resnet34", "resnet50", "resnet50_keras", "resnet50v2_keras", "resnet56",
+       "resnet_tiny"]
 
 
 class NotWeights:

@@ -189,3 +189,45 @@ def test_int8_checkpoint_with_pickled_payload_is_refused(trained_tiny, digits_sm
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with pytest.raises(WeightsError, match="is not a torch.export archive"):
         load_quantized(tmp_path / "junk.pt2")
+
+
+def test_qat_keeps_each_batchnorms_own_epsilon(trained_tiny, digits_small):
+    """torchao's QAT conv-BatchNorm fusion and its train/eval switch write its pattern's eps (1e-5) into every
+    BatchNorm; a Keras model's 1e-3 must survive both, and the converted model must match the prepared one."""
+    from rescompress.compress.schemes import ResNetQuantizer
+
+    model = copy.deepcopy(trained_tiny).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1e-3
+            m.running_var.mul_(0.01)  # small variances: where eps decides the scale
+    x = digits_small.test.images[:64].float()
+    x = digits_small.input_spec.normalize(x) if x.max() > 1.5 else x
+    with torch.no_grad():
+        reference = model(x)
+    prepared = pt2e.prepare(model, x[:2], ResNetQuantizer("tflite", qat=True), qat=True)
+
+    def eps_literals():
+        bns = {float(n.args[7]) for n in pt2e._batch_norm_nodes(prepared)}
+        adds = {float(n.args[1]) for n in prepared.graph.nodes if str(n.target) == "aten.add.Tensor"
+                and getattr(n.args[0], "op", None) == "get_attr" and str(n.args[0].target).endswith("running_var")}
+        return bns | adds
+
+    assert eps_literals() == {1e-3}
+    prepared.eval()
+    assert eps_literals() == {1e-3}
+    prepared.train()
+    assert eps_literals() == {1e-3}
+    prepared.rescompress_freeze_observers = False
+    with torch.no_grad():
+        prepared.train()
+        prepared.rescompress_freeze_bn = True
+        prepared.train()  # observers watch the data, BatchNorm keeps its running statistics
+        prepared(x)
+        prepared.eval()
+        fake_quant = prepared(x)
+    # fake-quantized eval output tracks the float model (with a wrong eps the BN scales would be off by ~3x)
+    assert (fake_quant.argmax(1) == reference.argmax(1)).float().mean() > 0.9
+    converted = pt2e.convert(prepared)
+    with torch.no_grad():
+        assert (converted(x).argmax(1) == reference.argmax(1)).float().mean() > 0.9

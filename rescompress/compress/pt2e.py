@@ -40,7 +40,7 @@ import types
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,7 @@ def bind_modes(model: GraphModule, *, observers: bool = True) -> GraphModule:
 
     model.rescompress_freeze_bn = False
     model.rescompress_freeze_observers = not observers
+    eps = _batch_norm_eps(model)  # torchao's mode switch rewrites them with its pattern's 1e-5
 
     def _train(self: GraphModule, mode: bool = True) -> GraphModule:
         bn_training = mode and not self.rescompress_freeze_bn
@@ -118,6 +119,7 @@ def bind_modes(model: GraphModule, *, observers: bool = True) -> GraphModule:
                 move_exported_model_to_train(self)
             else:
                 move_exported_model_to_eval(self)
+        _restore_batch_norm_eps(self, eps)
         _force_batchnorm_mode(self, bn_training)
         self.apply(enable_observer if mode and not self.rescompress_freeze_observers else disable_observer)
         for m in self.modules():
@@ -136,6 +138,38 @@ _BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.defaul
 
 def _batch_norm_nodes(gm: GraphModule) -> list:
     return [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in _BATCH_NORMS]
+
+
+def _running_var(node: Any) -> Optional[str]:
+    arg = node.args[4] if len(node.args) > 4 else None
+    return arg.target if getattr(arg, "op", None) == "get_attr" else None
+
+
+def _batch_norm_eps(gm: GraphModule) -> dict[str, float]:
+    """Each BatchNorm's epsilon, by the name of its running-variance buffer."""
+    return {name: float(n.args[7]) for n in _batch_norm_nodes(gm)
+            if (name := _running_var(n)) is not None and len(n.args) > 7}
+
+
+def _restore_batch_norm_eps(gm: GraphModule, eps: dict[str, float]) -> None:
+    """torchao's QAT conv-BatchNorm fusion rewrites every BatchNorm with the pattern's literal epsilon (1e-5),
+    both in the BatchNorm node and in its `sqrt(running_var + eps)` weight scaling: a Keras model's 1e-3 would
+    silently change once BatchNorm statistics freeze and at conversion. Put each layer's own epsilon back."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if str(n.target) in _BATCH_NORMS and (name := _running_var(n)) in eps and len(n.args) > 7:
+            if float(n.args[7]) != eps[name]:
+                n.args = (*n.args[:7], eps[name], *n.args[8:])
+                changed = True
+        elif str(n.target) == "aten.add.Tensor" and len(n.args) == 2 and isinstance(n.args[1], float):
+            src = n.args[0]
+            if getattr(src, "op", None) == "get_attr" and src.target in eps and n.args[1] != eps[src.target]:
+                n.args = (src, eps[src.target])
+                changed = True
+    if changed:
+        gm.recompile()
 
 
 def _force_batchnorm_mode(gm: GraphModule, training: bool) -> None:
@@ -214,8 +248,10 @@ def prepare(model: nn.Module, example: torch.Tensor, quantizer, *, qat: bool,
     if device.type != "cpu":
         model = move(copy.deepcopy(model), "cpu")
     graph = capture(model, example.cpu(), train=qat)
+    eps = _batch_norm_eps(graph)
     with _quiet():
         prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer)
+    _restore_batch_norm_eps(prepared, eps)
     check_prepared(prepared, keep_float)
     prepared = bind_modes(prepared)
     return move(prepared, device) if device.type != "cpu" else prepared

@@ -250,17 +250,12 @@ def read_keras_model(kmodel: Any, path: Path, *, image_size: Optional[int] = Non
     if type(kmodel).__name__ not in ("Functional", "Sequential"):
         raise ModelImportError(f"{path} holds a subclassed Keras model ({type(kmodel).__name__}), whose layer graph "
                                f"cannot be read; {SAVE_FUNCTIONAL}")
-    shape = _input_shape(kmodel, image_size, channels)
-    try:
-        from rescompress.imports.keras_apps import import_keras_application, match_keras_application
-    except ImportError:  # pragma: no cover - the module ships with the package
-        match_keras_application = None
-    if match_keras_application is not None:
-        known = match_keras_application(kmodel)
-        if known is not None:
-            if image_size is not None and kmodel.input_shape[1] is None:
-                return import_keras_application(kmodel, known, path, image_size=image_size)
-            return import_keras_application(kmodel, known, path)
+    shape = _input_shape(kmodel, image_size, channels)  # refuses a size or channel count other than the data's
+    from rescompress.imports.keras_apps import import_keras_application, match_keras_application
+
+    known = match_keras_application(kmodel)
+    if known is not None:
+        return import_keras_application(kmodel, known, path, image_size=image_size)
     runtime = f"tensorflow {tf.__version__} (keras {getattr(keras, '__version__', '?')})"
     if type(kmodel).__module__.startswith("tf_keras"):
         import tf_keras

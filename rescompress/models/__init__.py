@@ -4,7 +4,16 @@ loading and freezing."""
 from rescompress.models.arch import build_arch, classifier_name, describe_arch
 from rescompress.models.graph import GRAPH_ARCH, GraphModel
 from rescompress.models.layout import channel_layout, conform_to_state_dict
-from rescompress.models.resnet import CLASSIFIER, MODELS, BasicBlock, Bottleneck, ResNet, build_model
+from rescompress.models.resnet import (
+    CLASSIFIER,
+    MODELS,
+    BasicBlock,
+    Bottleneck,
+    PreActBottleneck,
+    ResNet,
+    ResNetV2,
+    build_model,
+)
 from rescompress.models.weights import (
     FREEZE_MODES,
     LoadReport,
@@ -27,7 +36,9 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "LoadReport",
+    "PreActBottleneck",
     "ResNet",
+    "ResNetV2",
     "apply_freeze",
     "build_model",
     "channel_layout",

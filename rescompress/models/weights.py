@@ -25,6 +25,8 @@ _MAX_LISTED = 5
 # (block, depths) -> registry name, for guess_architecture
 _KNOWN = {
     ("Bottleneck", (3, 4, 6, 3)): ("resnet50", (64, 128, 256, 512)),
+    ("Bottleneck", (3, 4, 23, 3)): ("resnet101", (64, 128, 256, 512)),
+    ("Bottleneck", (3, 8, 36, 3)): ("resnet152", (64, 128, 256, 512)),
     ("BasicBlock", (2, 2, 2, 2)): ("resnet18", (64, 128, 256, 512)),
     ("BasicBlock", (3, 4, 6, 3)): ("resnet34", (64, 128, 256, 512)),
     ("BasicBlock", (3, 3, 3)): ("resnet20", (16, 32, 64)),
