@@ -3,8 +3,6 @@ and logits parity with Keras on randomised weights and BatchNorm statistics."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import pytest
 import torch
@@ -183,18 +181,6 @@ def test_v2_stem_pool_pads_with_zeros():
     assert torch.all(out[..., 0, :] == 0) and torch.all(out[..., :, 0] == 0)  # windows over the zero border
     assert torch.all(out[..., 1:, 1:] == -1)
     assert torch.all(nn.MaxPool2d(3, 2, padding=1)(-torch.ones(1, 1, 8, 8)) == -1)  # -inf padding would differ
-
-
-@pytest.mark.parametrize("name", ["resnet50_keras", "resnet50v2_keras"])
-def test_each_relu_module_called_once(name):
-    model = build_model(name, num_classes=10).eval()
-    calls: Counter[str] = Counter()
-    relus = {n: m for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
-    for n, m in relus.items():
-        m.register_forward_hook(lambda *_, n=n: calls.update([n]))
-    with torch.no_grad():
-        model(torch.randn(1, 3, 64, 64))
-    assert relus and calls == Counter({n: 1 for n in relus})
 
 
 # --- recognition -------------------------------------------------------------------------------------------------

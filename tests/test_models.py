@@ -109,7 +109,8 @@ def test_init_conventions() -> None:
     assert abs(std - (2 / (32 * 9)) ** 0.5) < 0.02  # kaiming normal, fan_out
 
 
-@pytest.mark.parametrize(("name", "size"), [("resnet18", 32), ("resnet50", 32), ("resnet20", 16), ("resnet_tiny", 16)])
+@pytest.mark.parametrize(("name", "size"), [("resnet18", 32), ("resnet50", 32), ("resnet20", 16), ("resnet_tiny", 16),
+                                            ("resnet50_keras", 64), ("resnet50v2_keras", 64)])
 def test_each_relu_module_called_once(name: str, size: int) -> None:
     model = build_model(name, num_classes=10).eval()
     calls: Counter[str] = Counter()
