@@ -154,3 +154,18 @@ def test_import_of_a_torchvision_state_dict_loads_it_as_is(tmp_path):
     torch.save({"conv.weight": torch.zeros(2, 2, 1, 1)}, tmp_path / "other.pt")
     result = invoke("import", str(tmp_path / "other.pt"))
     assert result.exit_code == 2 and "not of a ResNet rescompress builds" in " ".join(result.output.split())
+
+
+def test_an_imported_checkpoint_holding_nan_is_refused(tmp_path):
+    from rescompress.models import build_model
+
+    torch.save(build_model("resnet_tiny", num_classes=10, in_channels=1, small_input=True).state_dict(),
+               tmp_path / "tiny.pth")
+    assert invoke("import", str(tmp_path / "tiny.pth"), "--image-size", "8").exit_code == 0
+    payload = torch.load(tmp_path / "tiny-imported.pth", weights_only=True)
+    payload["state_dict"]["fc.bias"][0] = float("nan")
+    torch.save(payload, tmp_path / "tiny-imported.pth")
+    r = copy.deepcopy(TINY_RECIPE)
+    r["model"] = {"weights": str(tmp_path / "tiny-imported.pth")}
+    result = invoke("run", str(write_recipe(tmp_path / "r.yaml", r)), "--dry-run")
+    assert result.exit_code == 2 and "tensor 'fc.bias' holds NaN" in " ".join(result.output.split()), result.output

@@ -109,6 +109,9 @@ def open_start(path: str | Path, *, image_size: Optional[int], channels: Optiona
     payload = read_imported(p)
     if payload is None:
         return None
+    from rescompress.models.weights import check_finite
+
+    check_finite(payload["state_dict"], p)
     spec = payload["input"]
     c, h, w = int(spec["channels"]), int(spec["height"]), int(spec["width"])
     if image_size is not None and (h, w) != (image_size, image_size):
