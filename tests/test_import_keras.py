@@ -268,3 +268,25 @@ def test_the_import_command_exits_2_with_one_message(tmp_path):
     text = " ".join(result.output.split())
     assert text.startswith("error: layer 'dw' of type DepthwiseConv2D is not supported; supported:")
     assert "Traceback" not in result.output and not (tmp_path / "dw.pth").exists()
+
+
+def test_a_model_with_another_class_count_gets_a_fresh_classifier(tmp_path):
+    """A 5-class Keras model fine-tuned on 10-class digits: everything but the classifier is imported, parity is
+    still measured on the recipe's images (without labels: the classes differ)."""
+    import copy
+
+    from rescompress.pipeline import make_plan
+    from rescompress.recipe import parse_recipe
+    from tests.conftest import TINY_RECIPE
+
+    model = load_tool("keras_resnet").build(size=16, classes=5, widths=(8, 16))
+    model.save(tmp_path / "five.keras")
+    r = copy.deepcopy(TINY_RECIPE)
+    r["model"] = {"weights": str(tmp_path / "five.keras")}
+    r["data"] = {"name": "digits"}
+    plan = make_plan(parse_recipe(r, "test"))
+    assert plan.arch["num_classes"] == 10 and plan.start.num_classes == 5
+    assert "'predictions' keeps a fresh initialisation and needs training" in plan.weights_note
+    parity = plan.start.parity
+    assert parity["inputs"] == "real" and parity["max_abs_diff"] <= 1e-4 and parity["top1"] is None
+    assert parity["top1_agreement"] is not None  # the two models' predictions still agree or not

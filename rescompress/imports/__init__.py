@@ -128,8 +128,8 @@ def measure_parity(imported: Imported, source: Source, x: np.ndarray, labels: Op
                    tolerance: float = LAYER_TOLERANCE, inputs: str = "random") -> dict:
     """Compare the imported torch model with its source on `x` (torch input layout and normalisation).
 
-    Returns max |Δlogit| and, with labels, the top-1 agreement of the two models' predictions and each one's
-    top-1. Above `tolerance` raises ModelImportError naming the first layer whose output differs."""
+    Returns max |Δlogit|, the top-1 agreement of the two models' predictions on real images or with labels,
+    and with labels each one's top-1. Above `tolerance` raises ModelImportError naming the first layer whose output differs."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     mine = _torch_logits(imported.model, x)
     theirs = np.asarray(source.logits(imported.source_input.apply(x)), dtype=np.float32)
@@ -139,9 +139,10 @@ def measure_parity(imported: Imported, source: Source, x: np.ndarray, labels: Op
     record = {"max_abs_diff": diff, "tolerance": tolerance, "n": int(len(x)), "inputs": inputs,
               "source_runtime": source.runtime,
               "top1_agreement": None, "source_top1": None, "top1": None}
+    if labels is not None or inputs == "real":  # agreement on random noise says little; on images it does
+        record["top1_agreement"] = float((mine.argmax(1) == theirs.argmax(1)).mean())
     if labels is not None:
         labels = np.asarray(labels)
-        record["top1_agreement"] = float((mine.argmax(1) == theirs.argmax(1)).mean())
         record["source_top1"] = float((theirs.argmax(1) == labels).mean())
         record["top1"] = float((mine.argmax(1) == labels).mean())
     if not np.isfinite(diff) or diff > tolerance:
