@@ -351,6 +351,7 @@ class Runner:
         self.plan, self.run_dir, self.manifest, self.console = plan, run_dir, manifest, console
         self.recipe = plan.recipe
         self.data = plan.data
+        self.eval_set: Any = None  # the images devices evaluate on (bench.device_eval.EvalSet), once written
 
     # -- helpers
     def _example(self, batch: int = 1):
@@ -607,6 +608,7 @@ class Runner:
         if len(self.data.val):
             splits["val_top1"] = self.data.val
         self._reference_logits: dict = {}
+        self._host_logits: dict = {}  # artifact -> split key -> logits, what device top-1 is compared with
         by_name = {a.name: a for a in artifacts}
         art_rows = []
         for art in artifacts:
@@ -628,6 +630,7 @@ class Runner:
         lat = self.recipe.report.latency
         x_lat = latency_input(next(iter(batches(self.data.test, spec, lat.batch)))[0].numpy(), lat.batch)
         pool = estimate_pool(self.plan.devices)
+        pack = self._device_eval_packer(splits)
         devices = []
         for device in self.plan.devices:
             threads = device.threads or lat.threads
@@ -645,7 +648,8 @@ class Runner:
                         progress.remove_task(task)
 
                 source = DeviceLatency(device, batch=lat.batch, warmup=lat.warmup, runs=lat.runs, threads=threads,
-                                       layers=layers, measure_here=measure_here, pool=pool)
+                                       layers=layers, measure_here=measure_here, pool=pool, pack=pack,
+                                       engine_dir=self.run_dir / "artifacts" / "engines" / device.name)
                 for art, row in zip(artifacts, art_rows):
                     if runs_on(art, device):
                         results.append(self._device_result(device, art, row, source, baseline))
@@ -654,6 +658,31 @@ class Runner:
                             "recommendation": recommend(results, self.recipe.report.accuracy_budget_pt),
                             "provenance": {**source.provenance(), **device.provenance()}})
         return art_rows, devices
+
+    def _device_eval_packer(self, splits: dict) -> Optional[Callable[[Any], Any]]:
+        """What a device evaluates each artifact on: the validation and test images (a stratified subset of each
+        of `report.device_eval_images`), written once into `device_eval/` of the run, then packed per artifact
+        as its input takes them. None when no device is reached over a connection or the recipe turns it off."""
+        from rescompress.bench.device_eval import build_eval_set, pack_for
+
+        n = self.recipe.report.device_eval_images
+        remote = [d for d in self.plan.devices if any(d.latency_plan(rt) == "measured-remote" for rt in d.runtimes)]
+        if n == 0 or not remote:
+            return None
+        out_dir = self.run_dir / "device_eval"
+        state: dict = {}
+
+        def pack(art: Any) -> Any:
+            if "set" not in state:
+                ordered = {k: splits[k] for k in ("val_top1", "top1") if k in splits}
+                state["set"] = build_eval_set(ordered, self.data.input_spec, n, out_dir, seed=self.recipe.seed)
+                self.eval_set = state["set"]
+                self.console.print(f"device evaluation images: {state['set'].describe()} ({out_dir.name}/)")
+            if art.name not in state:
+                state[art.name] = pack_for(art, state["set"], out_dir)
+            return state[art.name]
+
+        return pack
 
     def _logits(self, run: Callable, split: Any) -> tuple[Any, Any]:
         """(logits, labels) of `run` over a split, batch by batch (an on-disk split is decoded as it goes)."""
@@ -680,6 +709,7 @@ class Runner:
                 logits, labels = self._logits(run, split)
                 row[key] = float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
                 test_logits = logits if key == "top1" else test_logits
+                self._host_logits.setdefault(art.name, {})[key] = logits
             if run is art:  # kept: when a later export's reference is this artifact, its pass is not repeated
                 self._reference_logits.setdefault(art.name, test_logits)
             if reference is not None:
@@ -726,6 +756,13 @@ class Runner:
         res["latency"] = taken.latency
         if taken.remote_status is not None:
             res["remote_status"] = taken.remote_status
+        if source.pack is not None and taken.remote_status is not None:
+            res.update(self._device_top1(art, res, taken, baseline))
+        if taken.engine is not None:
+            engine = dict(taken.engine)
+            if engine.get("path"):
+                engine["path"] = str(Path(engine["path"]).relative_to(self.run_dir))
+            res["engine"] = engine
         notes = [taken.message] if taken.message else []
         if art.status == "deferred":
             command = art.details.get("build_commands", {}).get(device.name)
@@ -739,6 +776,44 @@ class Runner:
         elif taken.remote_status not in (None, "ok"):
             self.console.print(f"  [yellow]{device.name}: {art.name}: {escape(taken.message)}[/yellow]", soft_wrap=True)
         return res
+
+    def _device_top1(self, art: Any, res: dict, taken: Any, baseline: dict) -> dict:
+        """The device's own top-1 of an artifact, beside the host's: `device_eval` (status, per split the
+        device's and the host's top-1 on the images sent, their difference and agreement), and, when it worked,
+        `top1`/`val_top1` become the device's (`top1_source: device`), the host's kept as `host_top1`/
+        `host_val_top1`. With a subset, the device figure is the host's whole-split top-1 moved by the
+        difference measured on the same images, so that the subset's sampling error does not enter it."""
+        from rescompress.bench.device_eval import score
+
+        evaluation = taken.evaluation
+        if evaluation is None:
+            return {"device_eval": {"status": taken.remote_status if taken.remote_status != "ok" else "failed",
+                                    "message": res.get("message") or "the device ran no evaluation"}}
+        record: dict = {"status": evaluation.status, "message": evaluation.message, "method": evaluation.method}
+        if evaluation.status != "ok":
+            return {"device_eval": record}
+        eval_set = self.eval_set
+        try:
+            splits = score(evaluation.logits, eval_set, self._host_logits.get(art.name, {}))
+        except ValueError as exc:
+            return {"device_eval": {**record, "status": "failed", "message": str(exc)}}
+        record.update(images=eval_set.describe(), subset=eval_set.subset, splits=splits)
+        out: dict = {"device_eval": record, "host_top1": res["top1"], "host_val_top1": res["val_top1"],
+                     "host_top1_source": res["top1_source"], "top1_source": "device"}
+        for key in ("top1", "val_top1"):
+            entry = splits.get(key)
+            if entry is None or entry["device_top1"] is None:
+                out[key] = None
+                continue
+            host = res.get(key)
+            shifted = host is not None and entry.get("delta_pt") is not None
+            out[key] = host + entry["delta_pt"] / 100 if shifted else entry["device_top1"]
+            out[f"delta_{key}_pt"] = delta_pt(out[key], baseline.get(key))
+        self.console.print(f"  {res['artifact']}: device top-1 {splits['top1']['device_top1'] * 100:.2f}% "
+                           f"(host {splits['top1'].get('host_top1', float('nan')) * 100:.2f}% on the same "
+                           f"{splits['top1']['images']} images, agreement "
+                           f"{splits['top1'].get('agreement', float('nan')) * 100:.1f}%)")
+        return out
 
     def source_accuracy(self) -> dict:
         """The imported model's source, its parity with the import, and its own top-1 on the test and validation
@@ -895,6 +970,9 @@ def failures(report: dict) -> list[str]:
             if r.get("remote_status") not in (None, "ok"):
                 lines.append(f"{d['name']}: {r['artifact']}: measurement on the device failed "
                              f"({r['remote_status']}): {r.get('message') or 'no message'}")
+            elif (r.get("device_eval") or {}).get("status") not in (None, "ok"):
+                lines.append(f"{d['name']}: {r['artifact']}: top-1 on the device not measured "
+                             f"({r['device_eval']['status']}): {r['device_eval'].get('message') or 'no message'}")
     return lines
 
 

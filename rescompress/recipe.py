@@ -117,6 +117,10 @@ class LatencyConfig(Strict):
 class ReportConfig(Strict):
     accuracy_budget_pt: float = Field(1.0, ge=0.0, description="top-1 loss, in points, a shippable artifact may have")
     latency: LatencyConfig = LatencyConfig()
+    device_eval_images: Optional[int] = Field(
+        1000, ge=0, description="images of each of the validation and test splits that a device reached over ssh "
+                                "or adb runs through each artifact, for its own top-1: a stratified subset of this "
+                                "many (null: every image; 0: no evaluation on devices)")
 
 
 class RangeSpec(Strict):

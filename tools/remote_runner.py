@@ -13,9 +13,15 @@ onnxruntime and LiteRT are fed seeded random data of the model's input shape. On
 the trtexec commands it is given (rescompress builds them, the same way it writes a deferred export's build
 command) in the folder holding the artifact: the build, when given, then the timing.
 
+With `--eval-inputs FILE.npy --eval-output FILE.npy` it then runs every image of the array file (already
+preprocessed on the host into exactly what the model's input takes: layout, dtype, int8 quantization) through
+the artifact and saves the logits (float32, dequantized) in order; the result's "eval" says how that went.
+On TensorRT each chunk of images goes through `--trtexec-eval`, a trtexec command that loads the chunk
+(`--loadInputs`) and writes the outputs (`--exportOutput`) as JSON.
+
 The last line on stdout is one JSON object. Exit status: 0 with {"status": "ok", ...}; 3 with
 {"status": "runtime-missing", "message": ...} when the runtime (or numpy) is not installed; 4 with
-{"status": "failed", "message": ...} on any other failure.
+{"status": "failed" (or "out-of-memory"), "message": ...} on any other failure.
 """
 
 from __future__ import annotations
@@ -279,6 +285,12 @@ def trtexec_version(text: str) -> Optional[str]:
     return f"{major}.{rest // 100}.{rest % 100}"
 
 
+def trtexec_gpu(text: str) -> Optional[str]:
+    """The GPU trtexec ran on, from its "=== Device Information ===" section ("Selected Device: Orin"), or None."""
+    found = re.search(r"Selected Device:\s*(.+)", text)
+    return found.group(1).strip() if found else None
+
+
 def trtexec_argv(text: Optional[str], flag: str) -> Optional[list[str]]:
     """A trtexec command given as a JSON list of strings, or None."""
     if text is None:
@@ -311,18 +323,130 @@ def run_tensorrt(args: argparse.Namespace, threads: int) -> dict:
     build = trtexec_argv(args.trtexec_build, "--trtexec-build")
     timing = trtexec_argv(args.trtexec_time, "--trtexec-time")
     cwd = os.path.dirname(os.path.abspath(args.artifact))
-    notes = []
+    notes, engine = [], None
     if build is not None:
-        run_trtexec(build, cwd, "the engine build")
+        log = run_trtexec(build, cwd, "the engine build")
         saved = [a.split("=", 1)[1] for a in build if a.startswith("--saveEngine=")]
         if saved and not os.path.isfile(os.path.join(cwd, saved[-1])):
             raise RunFailed(f"the engine build wrote no {saved[-1]} (trtexec exited 0)")
         notes.append(f"engine built on the device with: {shlex.join(build)}")
+        engine = {"file": saved[-1] if saved else None, "tensorrt_version": trtexec_version(log),
+                  "gpu": trtexec_gpu(log), "build_command": shlex.join(build)}
     warmup = next((a for a in timing if a.startswith("--warmUp=")), None)
     if warmup:
         notes.append(f"trtexec warms up by time ({warmup} ms), not by count")
-    return {**parse_trtexec(run_trtexec(timing, cwd, "timing the engine")), "method": "trtexec GPU compute time",
-            "input": "random: trtexec's own input data", "note": "; ".join(notes)}
+    timed = run_trtexec(timing, cwd, "timing the engine")
+    return {**parse_trtexec(timed), "method": "trtexec GPU compute time", "gpu": trtexec_gpu(timed),
+            "input": "random: trtexec's own input data", "note": "; ".join(notes),
+            **({"engine": engine} if engine else {})}
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+ORT_EVAL_BATCH = 64
+OOM_WORDS = ("out of memory", "cannot allocate memory", "bad_alloc", "failed to allocate")
+
+
+def eval_status(exc: BaseException) -> str:
+    """"out-of-memory" for an allocation failure, "runtime-missing" for a missing runtime, else "failed"."""
+    if isinstance(exc, MemoryError) or any(w in str(exc).lower() for w in OOM_WORDS):
+        return "out-of-memory"
+    return "runtime-missing" if isinstance(exc, RuntimeMissing) else "failed"
+
+
+def eval_onnxruntime(args: argparse.Namespace, threads: int, x) -> tuple:
+    """Logits of every image in `x` from one onnxruntime CPU session, in chunks (one at a time for a model
+    with a fixed batch of 1)."""
+    np = import_numpy()
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(args.artifact, sess_options=opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    step = ORT_EVAL_BATCH if not (isinstance(inp.shape[0], int) and inp.shape[0] > 0) else inp.shape[0]
+    outs = [sess.run(None, {inp.name: x[i:i + step]})[0] for i in range(0, len(x), step)]
+    return np.concatenate(outs).astype(np.float32), f"onnxruntime {ort.__version__} CPU, batches of {step}"
+
+
+def eval_tflite(args: argparse.Namespace, threads: int, x) -> tuple:
+    """Logits of every image in `x`, one invoke per image (the model's batch), the output dequantized with the
+    model's own scale and zero point."""
+    np = import_numpy()
+    interpreter_class, version = tflite_interpreter_class()
+    it = interpreter_class(model_path=args.artifact, num_threads=threads)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    if np.dtype(inp["dtype"]) != x.dtype:
+        raise RunFailed(f"the packed images are {x.dtype}, the model's input is {np.dtype(inp['dtype']).name}")
+    scale, zero_point = out["quantization"]
+    outs = []
+    for i in range(len(x)):
+        it.set_tensor(inp["index"], x[i:i + 1])
+        it.invoke()
+        y = it.get_tensor(out["index"]).astype(np.float32)
+        outs.append((y - zero_point) * scale if scale else y)
+    return np.concatenate(outs), f"{version}, one image per invoke"
+
+
+def trtexec_outputs(path: str):
+    """The first output tensor of trtexec's --exportOutput JSON, as float32 of its "dimensions"."""
+    np = import_numpy()
+    with open(path, encoding="utf-8") as f:
+        outputs = json.load(f)
+    if not outputs:
+        raise RunFailed(f"trtexec's output file {os.path.basename(path)} lists no output tensor")
+    first = outputs[0]
+    dims = [int(d) for d in str(first["dimensions"]).split("x") if d]
+    return np.asarray(first["values"], dtype=np.float32).reshape(dims)
+
+
+def eval_tensorrt(args: argparse.Namespace, threads: int, x) -> tuple:
+    """Logits of every image in `x` from the engine, in chunks of at most the profile's largest batch: each
+    chunk is written as raw binary, loaded by trtexec (--loadInputs) and read back from --exportOutput."""
+    np = import_numpy()
+    spec = json.loads(args.trtexec_eval)
+    template, max_batch = spec["argv"], int(spec["max_batch"])
+    cwd = os.path.dirname(os.path.abspath(args.artifact))
+    chunk_in, chunk_out = os.path.join(cwd, "eval_chunk.bin"), os.path.join(cwd, "eval_chunk.json")
+    outs = []
+    for i in range(0, len(x), max_batch):
+        chunk = np.ascontiguousarray(x[i:i + max_batch])
+        chunk.tofile(chunk_in)
+        words = {"{batch}": str(len(chunk)), "{inputs}": os.path.basename(chunk_in),
+                 "{outputs}": os.path.basename(chunk_out)}
+        argv = [_fill(a, words) for a in template]
+        run_trtexec(argv, cwd, f"evaluating images {i}..{i + len(chunk) - 1}")
+        outs.append(trtexec_outputs(chunk_out).reshape(len(chunk), -1))
+    for f in (chunk_in, chunk_out):
+        if os.path.exists(f):
+            os.remove(f)
+    return np.concatenate(outs), f"trtexec --loadInputs/--exportOutput, batches of up to {max_batch}"
+
+
+def _fill(word: str, values: dict) -> str:
+    for key, value in values.items():
+        word = word.replace(key, value)
+    return word
+
+
+EVALUATORS = {"onnxruntime": eval_onnxruntime, "tflite": eval_tflite, "tensorrt": eval_tensorrt}
+
+
+def evaluate(args: argparse.Namespace, threads: int) -> dict:
+    """Run the packed images through the artifact and save their logits; a status, never an exception."""
+    np = import_numpy()
+    try:
+        x = np.load(args.eval_inputs, allow_pickle=False)
+        t0 = time.perf_counter()
+        logits, method = EVALUATORS[args.runtime](args, threads, x)
+        if len(logits) != len(x):
+            raise RunFailed(f"{len(logits)} outputs for {len(x)} images")
+        np.save(args.eval_output, logits.astype(np.float32))
+    except Exception as exc:  # reported as the evaluation's status; the latency stands on its own
+        return {"status": eval_status(exc), "message": f"{type(exc).__name__}: {exc}"}
+    return {"status": "ok", "images": int(len(x)), "method": method, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -342,6 +466,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--power-mode-command", default=None, help="prints the power mode, e.g. 'nvpmodel -q'")
     p.add_argument("--trtexec-build", default=None, help="tensorrt: the engine build command, a JSON list")
     p.add_argument("--trtexec-time", default=None, help="tensorrt: the timing command, a JSON list")
+    p.add_argument("--eval-inputs", default=None, help="a .npy of packed images to run through the artifact")
+    p.add_argument("--eval-output", default=None, help="where their logits are saved (.npy)")
+    p.add_argument("--trtexec-eval", default=None, help='tensorrt: {"argv": [...], "max_batch": N}, the argv '
+                                                        "with {batch}, {inputs} and {outputs} to fill per chunk")
     args = p.parse_args(argv)
     if args.runtime == "tensorrt" and args.trtexec_time is None:
         p.error("--runtime tensorrt needs --trtexec-time")
@@ -350,6 +478,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         p.error("--warmup must be >= 0 and --threads >= 1")
+    if (args.eval_inputs is None) != (args.eval_output is None):
+        p.error("--eval-inputs and --eval-output go together")
+    if args.eval_inputs and args.runtime == "tensorrt" and args.trtexec_eval is None:
+        p.error("--runtime tensorrt with --eval-inputs needs --trtexec-eval")
     return args
 
 
@@ -359,10 +491,13 @@ def measure(args: argparse.Namespace) -> dict:
         raise RunFailed(f"artifact not found: {args.artifact}")
     threads = args.threads or host_threads()
     result = RUNNERS[args.runtime](args, threads)
-    return {"status": "ok", "runtime": args.runtime, **result, "batch": args.batch, "warmup": args.warmup,
-            "runs": args.runs, "threads": threads, "python": platform.python_version(),
-            "numpy": numpy_version(), "platform": platform.platform(), "machine": platform.machine(),
-            "power_mode": power_mode(args.power_mode_command)}
+    out = {"status": "ok", "runtime": args.runtime, **result, "batch": args.batch, "warmup": args.warmup,
+           "runs": args.runs, "threads": threads, "python": platform.python_version(),
+           "numpy": numpy_version(), "platform": platform.platform(), "machine": platform.machine(),
+           "power_mode": power_mode(args.power_mode_command)}
+    if args.eval_inputs:
+        out["eval"] = evaluate(args, threads)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -373,10 +508,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RuntimeMissing as exc:
         result, code = {"status": "runtime-missing", "message": str(exc)}, EXIT_MISSING
     except RunFailed as exc:
-        result, code = {"status": "failed", "message": str(exc)}, EXIT_FAILED
+        result, code = {"status": eval_status(exc), "message": str(exc)}, EXIT_FAILED
     except Exception as exc:  # the caller reads JSON, not a traceback: report it, traceback on stderr
         traceback.print_exc()
-        result, code = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}, EXIT_FAILED
+        result, code = {"status": eval_status(exc), "message": f"{type(exc).__name__}: {exc}"}, EXIT_FAILED
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()
     return code

@@ -28,6 +28,8 @@ class LatencyResult:
     latency: Optional[dict]
     message: str = ""
     remote_status: Optional[str] = None  # the ssh measurement's status, when one was tried
+    evaluation: Any = None  # an EvalOutcome (bench.device_eval) when the device also ran the eval images
+    engine: Optional[dict] = None  # an engine the device built and that was copied back
 
 
 @dataclass
@@ -42,6 +44,8 @@ class DeviceLatency:
     layers: Callable[[], Any]  # the layer table of the model the artifacts come from (built on first use)
     measure_here: Callable[[Any], dict]  # times an artifact on this host
     pool: Optional[list[DeviceProfile]] = None  # the profiles whose published figures calibrate estimates
+    pack: Optional[Callable[[Any], Optional[Path]]] = None  # the eval images as an artifact takes them (None: no eval)
+    engine_dir: Optional[Path] = None  # where an engine built on the device is copied back to
     connection_failure: Optional[tuple[str, str]] = None  # (status, message) of a connection that failed
     facts: dict = field(default_factory=dict)  # from the device itself (remote runs)
     groups: dict = field(default_factory=dict)  # estimate group -> its calibration and held-out check
@@ -84,12 +88,15 @@ class DeviceLatency:
                 engine = TensorRTConfig(**build) if build else None
                 spec = art.input_spec
                 chw = (spec.channels, spec.height, spec.width) if spec is not None else None
+            eval_inputs = self.pack(art) if self.pack is not None else None
             out = measure_remote(art.path, runtime, self.device.ssh, engine=engine, batch=self.batch,
                                  warmup=self.warmup, runs=self.runs, threads=self.threads, chw=chw,
-                                 power_mode_command=self.device.power_mode_command, trtexec=self.device.trtexec)
+                                 power_mode_command=self.device.power_mode_command, trtexec=self.device.trtexec,
+                                 eval_inputs=eval_inputs, engine_dir=self.engine_dir)
             if out.status == "ok":
                 self.facts.update(out.device_facts or {})
-                return LatencyResult({**out.latency, "source": "measured-remote"}, remote_status="ok")
+                return LatencyResult({**out.latency, "source": "measured-remote"}, remote_status="ok",
+                                     evaluation=out.evaluation, engine=out.engine)
             status, message = out.status, out.message
             if status in CONNECTION_FAILURES:
                 self.connection_failure = (status, message)

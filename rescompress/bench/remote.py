@@ -14,8 +14,12 @@ On TensorRT the runner runs the trtexec commands built here by `rescompress.expo
 builder that writes a deferred export's build command), so the engine timed is the engine the user is told
 to build.
 
+Given packed images (`eval_inputs`, see `bench.device_eval`), the same call also runs them through the artifact
+on the device and copies their logits back: accuracy measured on the device itself. An engine built on the
+device is copied back too (`engine_dir`), with the TensorRT version and GPU trtexec reported.
+
 A failure is a status with a message the user can act on, never an exception:
-"ok" | "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "timeout" | "failed".
+"ok" | "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "out-of-memory" | "timeout" | "failed".
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
+from rescompress.bench.device_eval import EvalOutcome
 from rescompress.errors import RescompressError
 
 if TYPE_CHECKING:
@@ -46,7 +51,10 @@ FACT_KEYS = ("python", "numpy", "platform", "machine", "runtime", "runtime_versi
 HOST_NAME = re.compile(r"[A-Za-z0-9_.:%-]+")  # a host name, an IPv4 or IPv6 address (with a %scope)
 USER_NAME = re.compile(r"[A-Za-z0-9_.@+-]+")
 
-Status = Literal["ok", "unreachable", "host-key", "auth-failed", "runtime-missing", "timeout", "failed"]
+Status = Literal["ok", "unreachable", "host-key", "auth-failed", "runtime-missing", "out-of-memory", "timeout",
+                 "failed"]
+EVAL_INPUTS, EVAL_LOGITS = "eval_inputs.npy", "eval_logits.npy"  # their names in the device's temporary folder
+KILLED = 137  # the shell's status for a process killed by SIGKILL: on a device, most often the OOM killer
 
 
 class InvalidDestination(RescompressError, ValueError):
@@ -81,6 +89,15 @@ class RemoteOutcome:
     message: str = ""
     latency: Optional[dict] = None
     device_facts: dict = field(default_factory=dict)
+    evaluation: Optional[EvalOutcome] = None  # when packed images were given
+    engine: Optional[dict] = None  # an engine built on the device: its local path, TensorRT version and GPU
+
+
+@dataclass(frozen=True)
+class _Extra:
+    """What travels besides the artifact: packed images to evaluate, and where a built engine comes back to."""
+    eval_inputs: Optional[Path] = None
+    engine_dir: Optional[Path] = None
 
 
 class _Timeout(Exception):
@@ -118,18 +135,23 @@ class _Target:
 def measure_remote(path: Path, runtime: str, ssh: "SSHConnection", *, engine: Optional["TensorRTConfig"] = None,
                    batch: int = 1, warmup: int = 20, runs: int = 200, threads: Optional[int] = None,
                    chw: Optional[tuple[int, ...]] = None, power_mode_command: Optional[str] = None,
-                   trtexec: str = "trtexec", timeout_s: float = 900, host: Optional[str] = None) -> RemoteOutcome:
+                   trtexec: str = "trtexec", timeout_s: float = 900, host: Optional[str] = None,
+                   eval_inputs: Optional[Path] = None, engine_dir: Optional[Path] = None) -> RemoteOutcome:
     """Latency of the artifact at `path` on `runtime`, measured on the device `ssh` reaches (`host`,
     "user@addr" or "addr", overrides its host and user).
 
     On TensorRT an ONNX is built into an engine on the device with `engine` (default: `engine_config` of
     the file), then timed; a serialized engine is timed as it is, at batch `batch` when its image shape
-    `chw` is given. Connection and device problems come back as a status and message; only invalid
-    arguments raise (ValueError; `InvalidDestination` for a user or host that is not one)."""
+    `chw` is given. With `eval_inputs` (a .npy of packed images) the images are then run through the
+    artifact there and their logits come back in `evaluation`; with `engine_dir`, an engine built on the
+    device is copied into it. Connection and device problems come back as a status and message; only
+    invalid arguments raise (ValueError; `InvalidDestination` for a user or host that is not one)."""
     _check_args(runtime, batch, warmup, runs, threads)
     path = Path(path)
     target = _target(ssh, host)
     problem = _local_problem(path, target)
+    if problem is None and eval_inputs is not None and not Path(eval_inputs).is_file():
+        problem = RemoteOutcome("failed", f"the packed images {eval_inputs} do not exist")
     if problem is not None:
         return problem
     args = ["--runtime", runtime, "--batch", str(batch), "--warmup", str(warmup), "--runs", str(runs)]
@@ -141,14 +163,19 @@ def measure_remote(path: Path, runtime: str, ssh: "SSHConnection", *, engine: Op
         try:
             build, timing = trtexec_commands(path, engine=engine, batch=batch, warmup=warmup, runs=runs,
                                              chw=chw, trtexec=trtexec)
+            if eval_inputs is not None:
+                args += ["--trtexec-eval", json.dumps(trtexec_eval_spec(path, engine=engine, batch=batch, chw=chw,
+                                                                        trtexec=trtexec))]
         except ValueError as exc:
             return RemoteOutcome("failed", str(exc))
         if build is not None:
             args += ["--trtexec-build", json.dumps(build)]
         args += ["--trtexec-time", json.dumps(timing)]
     session = _Session(target, time.monotonic() + timeout_s)
+    extra = _Extra(Path(eval_inputs) if eval_inputs is not None else None,
+                   Path(engine_dir) if engine_dir is not None else None)
     try:
-        return _measure(session, ssh, path, args)
+        return _measure(session, ssh, path, args, extra)
     except _Timeout:
         return RemoteOutcome("timeout", f"the measurement on {target.label} did not finish within {timeout_s:g} s; "
                                         "raise timeout_s, or lower runs")
@@ -183,6 +210,25 @@ def trtexec_commands(path: Path, *, engine: Optional["TensorRTConfig"] = None, b
     timing = trtexec_time_argv(engine_name, batch=batch, runs=runs, warmup_ms=warmup_ms, chw=onnx_chw,
                                trtexec=trtexec, input_name=input_name)
     return build, timing
+
+
+def trtexec_eval_spec(path: Path, *, engine: Optional["TensorRTConfig"] = None, batch: int = 1,
+                      chw: Optional[tuple[int, ...]] = None, trtexec: str = "trtexec") -> dict:
+    """How the device runs packed images through the engine: the trtexec argv per chunk (with `{batch}`,
+    `{inputs}` and `{outputs}` for the runner to fill) and the largest chunk the engine's profile takes."""
+    from rescompress.export.tensorrt import engine_config, onnx_input, trtexec_eval_argv
+
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":  # a serialized engine: its profile is unknown here, so one image at a time
+        if chw is None:
+            raise ValueError(f"evaluating {path.name} needs its image shape (chw)")
+        return {"argv": trtexec_eval_argv(path.name, chw, trtexec), "max_batch": 1}
+    from rescompress.bench.device_latency import onnx_precision
+
+    input_name, onnx_chw = onnx_input(path)
+    engine = engine if engine is not None else engine_config(onnx_precision(path), batch)
+    return {"argv": trtexec_eval_argv(path.with_suffix(".engine").name, onnx_chw, trtexec, input_name),
+            "max_batch": engine.max_batch}
 
 
 # ---------------------------------------------------------------------------------------- arguments
@@ -278,6 +324,26 @@ class _Session:
         except subprocess.TimeoutExpired:
             raise _Timeout() from None
 
+    def fetch(self, remote: str, local: Path) -> subprocess.CompletedProcess:
+        """Copy the device's file `remote` to `local` (`ssh dest 'cat path'`); _Timeout past the deadline."""
+        timeout = self.deadline - time.monotonic()
+        if timeout <= 0:
+            raise _Timeout()
+        argv = ssh_base_argv(self.target) + [f"cat {shlex.quote(remote)}"]
+        part = local.with_name(local.name + ".part")
+        try:
+            with open(part, "wb") as out:
+                done = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=timeout,
+                                      stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            part.unlink(missing_ok=True)
+            raise _Timeout() from None
+        if done.returncode == 0:
+            part.replace(local)
+        else:
+            part.unlink(missing_ok=True)
+        return subprocess.CompletedProcess(argv, done.returncode, "", done.stderr.decode(errors="replace"))
+
 
 def _remote_word(word: str) -> str:
     """`word` quoted for the remote shell, keeping a leading `~/` unquoted so that it still expands."""
@@ -288,13 +354,14 @@ def _remote_word(word: str) -> str:
     return shlex.quote(word)
 
 
-def _measure(session: _Session, ssh: "SSHConnection", path: Path, runner_args: list[str]) -> RemoteOutcome:
-    """mktemp on the device, copy, run, parse; the temporary directory is always removed."""
+def _measure(session: _Session, ssh: "SSHConnection", path: Path, runner_args: list[str],
+             extra: _Extra = _Extra()) -> RemoteOutcome:
+    """mktemp on the device, copy, run, parse, copy results back; the temporary directory is always removed."""
     tmp, failure = _make_tmpdir(session, ssh.workdir)
     if failure is not None:
         return failure
     try:
-        outcome = _copy_and_run(session, ssh.python, tmp, path, runner_args)
+        outcome = _copy_and_run(session, ssh.python, tmp, path, runner_args, extra)
     finally:
         cleanup_error = _remove_tmpdir(session, tmp)
     if cleanup_error:
@@ -342,10 +409,16 @@ def _artifact_files(path: Path) -> list[Path]:
     return files
 
 
-def _copy_and_run(session: _Session, python: str, tmp: str, path: Path, runner_args: list[str]) -> RemoteOutcome:
-    """Copy the runner and the artifact into `tmp`, run the runner, read its result."""
-    for src in [RUNNER, *_artifact_files(path)]:
-        dest = f"{tmp}/{src.name}"
+def _copy_and_run(session: _Session, python: str, tmp: str, path: Path, runner_args: list[str],
+                  extra: _Extra = _Extra()) -> RemoteOutcome:
+    """Copy the runner, the artifact (and packed images) into `tmp`, run the runner, read its result, and
+    copy back the logits and a built engine."""
+    uploads = [(src, src.name) for src in [RUNNER, *_artifact_files(path)]]
+    if extra.eval_inputs is not None:
+        uploads.append((extra.eval_inputs, EVAL_INPUTS))
+        runner_args = [*runner_args, "--eval-inputs", f"{tmp}/{EVAL_INPUTS}", "--eval-output", f"{tmp}/{EVAL_LOGITS}"]
+    for src, name in uploads:
+        dest = f"{tmp}/{name}"
         proc = session.run(f"cat > {shlex.quote(dest)}", stdin_path=src)
         failure = _ssh_failure(proc, session.target)
         if failure is not None:
@@ -361,7 +434,55 @@ def _copy_and_run(session: _Session, python: str, tmp: str, path: Path, runner_a
     failure = _ssh_failure(proc, session.target)
     if failure is not None:
         return failure
-    return _runner_outcome(proc, session.target, python)
+    outcome = _runner_outcome(proc, session.target, python)
+    result = _last_json(proc.stdout) or {}
+    if outcome.status == "ok" and extra.eval_inputs is not None:
+        outcome.evaluation = _fetch_logits(session, tmp, result.get("eval") or {}, outcome.device_facts)
+    if outcome.status == "ok" and extra.engine_dir is not None and result.get("engine"):
+        outcome.engine = _fetch_engine(session, tmp, result["engine"], extra.engine_dir)
+    return outcome
+
+
+def _fetch_logits(session: _Session, tmp: str, evaluation: dict, facts: dict) -> EvalOutcome:
+    """The device's logits of the packed images, copied back and read; a status when that did not work."""
+    import tempfile
+
+    import numpy as np
+
+    where = session.target.label
+    if evaluation.get("status") != "ok":
+        status = evaluation.get("status") or "failed"
+        return EvalOutcome(status if status in ("runtime-missing", "out-of-memory") else "failed",
+                           f"on {where}: {evaluation.get('message') or 'the runner reported no evaluation'}")
+    with tempfile.TemporaryDirectory(prefix="rescompress-eval-") as work:
+        local = Path(work) / EVAL_LOGITS
+        proc = session.fetch(f"{tmp}/{EVAL_LOGITS}", local)
+        failure = _ssh_failure(proc, session.target)
+        if failure is not None:
+            return EvalOutcome(failure.status, failure.message)
+        if proc.returncode != 0:
+            return EvalOutcome("failed", f"could not copy the logits back from {where}: {_last_line(proc.stderr)}")
+        try:
+            logits = np.load(local, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            return EvalOutcome("failed", f"the logits copied back from {where} are not a readable .npy ({exc})")
+    return EvalOutcome("ok", logits=np.asarray(logits, dtype=np.float32),
+                       method=f"{evaluation.get('method')} on {session.target.host}", device_facts=dict(facts))
+
+
+def _fetch_engine(session: _Session, tmp: str, engine: dict, engine_dir: Path) -> dict:
+    """Copy the engine the device built into `engine_dir`; its record (local path, or why it is not there)."""
+    name = engine.get("file")
+    record = {k: engine.get(k) for k in ("tensorrt_version", "gpu", "build_command")}
+    record["built_on"] = session.target.host
+    if not name or "/" in name:
+        return {**record, "path": None, "message": f"the device named no engine file ({name!r})"}
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    local = engine_dir / name
+    proc = session.fetch(f"{tmp}/{name}", local)
+    if proc.returncode != 0:
+        return {**record, "path": None, "message": f"could not copy {name} back: {_last_line(proc.stderr)}"}
+    return {**record, "path": str(local)}
 
 
 # ------------------------------------------------------------------------------------- classification
@@ -432,12 +553,16 @@ def _runner_outcome(proc: subprocess.CompletedProcess, target: _Target, python: 
         return RemoteOutcome("runtime-missing", f"{python} was not found on {where}; install Python 3 there or set "
                                                 "connection.ssh.python to its path")
     result = _last_json(proc.stdout)
+    if result is None and proc.returncode == KILLED:
+        return RemoteOutcome("out-of-memory", f"the runner on {where} was killed (exit status {KILLED}), most often "
+                                              "by the device's out-of-memory killer; free memory there or measure "
+                                              "a smaller model or batch")
     if result is None:
         why = _last_line(proc.stderr) or f"exit status {proc.returncode}"
         return RemoteOutcome("failed", f"the runner on {where} printed no result ({why})")
     status = result.get("status")
     if status != "ok" or proc.returncode != 0:
-        outcome_status = "runtime-missing" if status == "runtime-missing" else "failed"
+        outcome_status = status if status in ("runtime-missing", "out-of-memory") else "failed"
         message = result.get("message") or f"exit status {proc.returncode}"
         return RemoteOutcome(outcome_status, f"on {where}: {message}")
     return RemoteOutcome("ok", "", _latency(result, target.host), {k: result.get(k) for k in FACT_KEYS})

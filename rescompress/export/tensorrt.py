@@ -78,6 +78,17 @@ def trtexec_time_argv(engine_name: str, *, batch: int, runs: int, warmup_ms: int
     return argv + [f"--warmUp={warmup_ms}", f"--iterations={runs}", "--duration=0"]
 
 
+def trtexec_eval_argv(engine_name: str, chw: tuple[int, ...], trtexec: str = "trtexec",
+                      input_name: str = "input") -> list[str]:
+    """The trtexec argv that runs one chunk of images through a built engine: `{batch}` images read from the
+    raw binary file `{inputs}` (--loadInputs), the outputs written as JSON to `{outputs}` (--exportOutput);
+    the device's runner fills the three fields per chunk."""
+    shape = "x".join(str(d) for d in chw)
+    return [trtexec, f"--loadEngine={engine_name}", f"--shapes={input_name}:{{batch}}x{shape}",
+            f"--loadInputs={input_name}:{{inputs}}", "--exportOutput={outputs}", "--iterations=1", "--warmUp=0",
+            "--duration=0"]
+
+
 def shell_line(argv: list[str]) -> str:
     """`argv` as one POSIX shell line; a `--flag=value` word keeps its flag unquoted (`--onnx='my model.onnx'`)."""
     def word(arg: str) -> str:
