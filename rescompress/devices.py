@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,9 +182,60 @@ class SSHConnection(Strict):
         return f"{self.user}@{self.host}" if self.user else self.host
 
 
+ADB_SERIAL = re.compile(r"[A-Za-z0-9_.:-]+")  # USB serials, host:port of adb over Wi-Fi, mDNS service names
+DEVICE_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")  # an absolute path on the phone, in plain characters
+ADB_DELEGATES = ("xnnpack", "gpu", "nnapi")
+ADB_RUNTIMES = ("tflite",)  # what benchmark_model runs
+
+
 class ADBConnection(Strict):
-    serial: str
-    workdir: str = "/data/local/tmp"
+    """An Android phone reached with the host's `adb`, where TFLite's `benchmark_model` runs the artifact
+    (see `rescompress.bench.adb`)."""
+    serial: str = Field(..., description="the phone's serial, as `adb devices` lists it (host:port over Wi-Fi)")
+    workdir: str = Field("/data/local/tmp", description="where a temporary directory for the artifact is made")
+    adb: str = Field("adb", description="the host's adb executable")
+    benchmark_model: str = Field("/data/local/tmp/benchmark_model",
+                                 description="TFLite's benchmark_model binary on the phone (pushed there once, "
+                                             "chmod +x)")
+    delegates: list[Literal["xnnpack", "gpu", "nnapi"]] = Field(
+        default_factory=lambda: ["xnnpack"], min_length=1,
+        description="benchmark_model delegates to measure with; the first is the primary one")
+    timeout_s: float = Field(900, gt=0, description="time budget of one measurement or evaluation, adb calls included")
+
+    @field_validator("serial")
+    @classmethod
+    def _plain_serial(cls, value: str) -> str:
+        if not value or value.startswith("-") or not ADB_SERIAL.fullmatch(value):
+            raise ValueError(f"invalid adb serial {value!r}: give it as `adb devices` lists it (letters, digits, "
+                             "'.', '_', ':', '-'), not starting with '-'")
+        return value
+
+    @field_validator("workdir", "benchmark_model")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        if not DEVICE_PATH.fullmatch(value) or "/../" in value + "/" or value.rstrip("/") == "":
+            raise ValueError(f"invalid path on the phone {value!r}: give an absolute path of letters, digits and "
+                             "'_', '.', '/', '+', '-' (no spaces, no '..'), e.g. /data/local/tmp")
+        return value
+
+    @field_validator("adb")
+    @classmethod
+    def _some_adb(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("adb is empty: give the host's adb executable (`adb`, or its path)")
+        return value
+
+    @field_validator("delegates")
+    @classmethod
+    def _distinct(cls, value: list) -> list:
+        if len(set(value)) != len(value):
+            raise ValueError(f"delegates lists one more than once: {value}")
+        return value
+
+    @property
+    def delegate(self) -> str:
+        """The primary delegate."""
+        return self.delegates[0]
 
 
 class Connection(Strict):
@@ -237,8 +289,14 @@ class DeviceProfile(Strict):
             if fig.runtime not in self.runtimes:
                 raise ValueError(f"published[{i}].runtime '{fig.runtime}' is not one of runtimes "
                                  f"({', '.join(self.runtimes)})")
-        if self.latency_source == "measured-remote" and not (self.connection and self.connection.ssh):
-            raise ValueError("latency_source measured-remote needs connection.ssh")
+        if self.latency_source == "measured-remote":
+            if self.ssh is None and self.adb is None:
+                raise ValueError("latency_source measured-remote needs connection.ssh, or connection.adb for tflite")
+            others = [rt for rt in self.runtimes if rt not in (*ADB_RUNTIMES, "torch")]  # torch: the host's reference
+            if self.ssh is None and others:
+                raise ValueError(f"latency_source measured-remote over connection.adb measures tflite only, and "
+                                 f"runtimes lists {', '.join(others)}; use latency_source auto (the others are "
+                                 "estimated) or add connection.ssh")
         return self
 
     @property
@@ -260,14 +318,20 @@ class DeviceProfile(Strict):
     def ssh(self) -> Optional[SSHConnection]:
         return self.connection.ssh if self.connection else None
 
+    @property
+    def adb(self) -> Optional[ADBConnection]:
+        return self.connection.adb if self.connection else None
+
     def precisions(self, runtime: str) -> list[str]:
         return list(self.runtimes[runtime].precisions) if runtime in self.runtimes else []
 
     def latency_plan(self, runtime: str) -> str:
-        """How latency of an artifact running on `runtime` is obtained on this device."""
+        """How latency of an artifact running on `runtime` is obtained on this device. With `auto`, a
+        connection.ssh measures every runtime on the device; a connection.adb measures tflite (benchmark_model),
+        and the other runtimes are estimated as without a connection."""
         if self.latency_source != "auto":
             return self.latency_source
-        if self.ssh is not None:
+        if self.ssh is not None or (self.adb is not None and runtime in ADB_RUNTIMES):
             return "measured-remote"
         rt = self.runtimes.get(runtime)
         return "estimated" if rt is not None and rt.unit is not None and rt.estimate_group else "none"
