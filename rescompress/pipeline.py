@@ -807,7 +807,7 @@ class Runner:
                 continue
             host = res.get(key)
             shifted = host is not None and entry.get("delta_pt") is not None
-            out[key] = host + entry["delta_pt"] / 100 if shifted else entry["device_top1"]
+            out[key] = min(1.0, max(0.0, host + entry["delta_pt"] / 100)) if shifted else entry["device_top1"]
             out[f"delta_{key}_pt"] = delta_pt(out[key], baseline.get(key))
         self.console.print(f"  {res['artifact']}: device top-1 {splits['top1']['device_top1'] * 100:.2f}% "
                            f"(host {splits['top1'].get('host_top1', float('nan')) * 100:.2f}% on the same "
@@ -945,7 +945,9 @@ def recommend(results: list[dict], budget_pt: float) -> Optional[dict]:
         left = sum(1 for r in ok if r["latency"]["source"] != best_source)
         reason += (f"; sources were mixed: {left} candidate(s) with only {'/'.join(others)} latency were not ranked "
                    f"against {best_source} figures")
-    if (best.get("top1_source") or "").startswith("proxy"):
+    if best.get("top1_source") == "device":
+        reason += f"; top-1 measured on the device ({(best.get('device_eval') or {}).get('images') or 'its images'})"
+    elif (best.get("top1_source") or "").startswith("proxy"):
         reason += " (top-1 from a proxy: see its source)"
     return {"artifact": best["artifact"], "reason": reason, "selected_on": split, "latency_source": best_source}
 

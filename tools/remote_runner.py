@@ -344,12 +344,14 @@ def run_tensorrt(args: argparse.Namespace, threads: int) -> dict:
 # ------------------------------------------------------------------------------------------- evaluation
 
 ORT_EVAL_BATCH = 64
-OOM_WORDS = ("out of memory", "cannot allocate memory", "bad_alloc", "failed to allocate")
+OOM_WORDS = ("outofmemory", "cannotallocatememory", "bad_alloc", "failedtoallocate")  # matched without spaces
 
 
 def eval_status(exc: BaseException) -> str:
-    """"out-of-memory" for an allocation failure, "runtime-missing" for a missing runtime, else "failed"."""
-    if isinstance(exc, MemoryError) or any(w in str(exc).lower() for w in OOM_WORDS):
+    """"out-of-memory" for an allocation failure (MemoryError; "out of memory", trtexec's "OutOfMemory",
+    "std::bad_alloc" in the message), "runtime-missing" for a missing runtime, else "failed"."""
+    text = str(exc).lower().replace(" ", "")
+    if isinstance(exc, MemoryError) or any(w in text for w in OOM_WORDS):
         return "out-of-memory"
     return "runtime-missing" if isinstance(exc, RuntimeMissing) else "failed"
 

@@ -380,6 +380,12 @@ def _device(device: Mapping[str, Any]) -> list[Block]:
                 for r in results if r["status"] != "ok" or r.get("message")]
     if messages:
         blocks.append(Bullets(messages))
+    blocks += _device_top1(results)
+    engines = [f"{r['artifact']}: built on {fmt_text(e.get('built_on'))} with TensorRT {fmt_text(e.get('tensorrt_version'))} "
+               f"for {fmt_text(e.get('gpu'))}: " + (f"`{e['path']}`" if e.get("path") else fmt_text(e.get("message")))
+               for r in results if (e := r.get("engine"))]
+    if engines:
+        blocks += [Heading(3, "Engines built on the device"), Bullets(engines)]
     rec = device.get("recommendation")
     if rec:
         result = _recommended(device) or {}
@@ -389,12 +395,42 @@ def _device(device: Mapping[str, Any]) -> list[Block]:
             f"p50 {fmt_ms(latency.get('p50_ms'))} ms {latency['source']}" if latency.get("p50_ms") is not None else "",
         ) if part)
         text = rec["artifact"] + (f": {rec['reason']}" if rec.get("reason") else "")
-        blocks.append(Fields([("Recommendation", text + (f" ({detail})" if detail else ""))]))
+        fields = [("Recommendation", text + (f" ({detail})" if detail else ""))]
+        if rec.get("bundle"):
+            fields.append(("Bundle to ship", f"`{rec['bundle']}/` (the artifact, preprocess.json, labels.txt, "
+                                             "model_card.md, predict.py)"))
+        blocks.append(Fields(fields))
     else:
         blocks.append(Fields([("Recommendation", "none")]))
     blocks.append(Figure(device["name"], f"Accuracy vs p50 latency on {device['name']}"))
     blocks += _device_provenance(device.get("provenance") or {})
     return blocks
+
+
+def _device_top1(results: list) -> list[Block]:
+    """Top-1 measured on the device beside the host's, on the same images, per artifact it ran."""
+    rows = []
+    for r in results:
+        ev = r.get("device_eval")
+        if not ev:
+            continue
+        splits = ev.get("splits") or {}
+        test, val = splits.get("top1") or {}, splits.get("val_top1") or {}
+        images = ", ".join(f"{e['images']}/{e['of']}" for e in (val, test) if e)
+        rows.append([r["artifact"], fmt_pct(test.get("device_top1")), fmt_pct(test.get("host_top1")),
+                     fmt_pt(test.get("delta_pt")), fmt_pct(test.get("agreement")), fmt_pct(val.get("device_top1")),
+                     fmt_pct(val.get("host_top1")), images or MISSING, ev.get("status") or MISSING,
+                     fmt_text(ev.get("method") or ev.get("message"))])
+    if not rows:
+        return []
+    return [Heading(3, "Top-1 on the device"),
+            Table(["Artifact", "Device top-1 %", "Host top-1 %", "Δ pt", "Agreement %", "Device val %", "Host val %",
+                   "Images (val, test)", "Status", "How"], rows, frozenset({1, 2, 3, 4, 5, 6})),
+            Paragraph("The device ran the packed validation and test images through each artifact itself; the host "
+                      "figures are the same runtime's on this host, on the same images. Where the device measured it, "
+                      "Top-1 % above is the device's (measured on: device); with a subset of the images, it is the "
+                      "host's whole-split top-1 moved by the device−host difference on that subset. The "
+                      "recommendation uses these figures.")]
 
 
 def _number(value: Any) -> str:

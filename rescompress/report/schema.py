@@ -83,8 +83,20 @@ Top level (all required):
       `check_max_abs_error_pct` (estimated: the largest out-of-sample error on the group's published figures
       of the estimate's own runtime and precision) and `check` (str, estimated: on how many such figures that
       error was measured, or "unchecked: ..." when the group has none, and then no error is given)
-    - `remote_status` (str, optional): the ssh measurement's outcome when one was tried ("ok" |
-      "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "timeout" | "failed")
+    - `remote_status` (str, optional): the device measurement's outcome when one was tried, over ssh or adb
+      ("ok" | "unreachable" | "host-key" | "auth-failed" | "runtime-missing" | "out-of-memory" | "timeout" |
+      "failed")
+    - `device_eval` (object, optional; devices reached over a connection): the artifact run by the device on
+      the packed validation and test images: `status` (as `remote_status`), `message`, `method` (str: the
+      runtime and how it was fed), `images` (str, e.g. "178 of 178 validation images, 359 of 359 test
+      images"), `subset` (bool: a stratified subset, `report.device_eval_images`), `splits` ("top1" /
+      "val_top1" -> `images`, `of` (int), `device_top1`, `host_top1`, `agreement` (fraction: the device's and
+      the host's predictions agree), `delta_pt` (device minus host, same images)). When it is "ok",
+      `top1`/`val_top1` are the device's (`top1_source`: "device"; with a subset, the host's whole-split
+      figure moved by `delta_pt`) and the host's are kept as `host_top1`, `host_val_top1`, `host_top1_source`
+    - `engine` (object, optional): a TensorRT engine built on the device and copied back: `path` (str,
+      relative to the run directory, or null with `message`), `tensorrt_version`, `gpu`, `build_command`,
+      `built_on` (str)
     - `status` (str): "ok" | "deferred" | "failed" | "skipped"; `message` (str, optional)
   - `recommendation` (object, optional): `artifact` (str): one of this device's results;
     `reason` (str, optional), e.g. "fastest measured latency ... within 1.0 pt of the baseline's validation
@@ -254,6 +266,17 @@ def _check_result(c: _Checker, path: str, r: Mapping[str, Any], artifacts: set[s
     c.field(r, "top1", "fraction", path, required=False)
     c.field(r, "top1_source", "str", path, required=False)
     c.field(r, "remote_status", "str", path, required=False)
+    c.field(r, "host_top1", "fraction", path, required=False)
+    c.field(r, "host_val_top1", "fraction", path, required=False)
+    device_eval = c.field(r, "device_eval", "object", path, required=False)
+    if device_eval is not None:
+        c.field(device_eval, "status", "str", f"{path}.device_eval")
+        for key, split in (device_eval.get("splits") or {}).items():
+            for field in ("device_top1", "host_top1", "agreement"):
+                c.field(split, field, "fraction", f"{path}.device_eval.splits.{key}", required=False)
+    engine = c.field(r, "engine", "object", path, required=False)
+    if engine is not None:
+        c.field(engine, "path", "str", f"{path}.engine", required=False)
     c.field(r, "delta_top1_pt", "number", path, required=False)
     c.field(r, "val_top1", "fraction", path, required=False)
     c.field(r, "delta_val_top1_pt", "number", path, required=False)
