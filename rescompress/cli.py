@@ -430,6 +430,57 @@ def import_(
                   soft_wrap=True)
 
 
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="a bundle folder (runs/<run>/bundles/<artifact>) or an artifact file "
+                                           "(.onnx, .tflite, .engine, .pt, .pt2) in its run directory"),
+    images: Path = typer.Argument(..., help="an image file, or a folder: every image file directly in it "
+                                            "(not in its subfolders), in name order"),
+    top: int = typer.Option(5, "--top", "-k", min=1, help="classes to print per image"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object: model, runtime, and per image "
+                                                       "its top classes (index, label, score)"),
+) -> None:
+    """Classify images with an artifact or bundle, preprocessed as the run evaluated it; prints the top classes."""
+    import json
+
+    from rich.markup import escape
+
+    from rescompress import deploy
+    from rescompress.errors import DataError
+
+    try:  # as user_errors, with the message escaped: "pip install 'rescompress[tflite]'" is not rich markup
+        if images.is_dir():
+            paths = deploy.image_files(images)
+            if not paths:
+                raise DataError(f"no image files ({', '.join(deploy.IMAGE_SUFFIXES)}) directly in {images} "
+                                f"(subfolders are not searched)")
+        elif images.exists():
+            paths = [images]
+        else:
+            raise DataError(f"image {images} does not exist")
+        predictor = deploy.load(model)
+        results = deploy.predict_paths(predictor, paths, top)
+    except RescompressError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+    if as_json:
+        print(json.dumps({"model": str(predictor.path), "runtime": predictor.runtime,
+                          "preprocessing": predictor.source, "images": results}, indent=2))
+        return
+    where = f" (images in {images})" if images.is_dir() else ""
+    table = Table(title=f"{predictor.path.name} on {predictor.runtime}{where}", title_justify="left")
+    table.add_column("image", overflow="fold")
+    table.add_column("rank", justify="right")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    for result in results:
+        for rank, row in enumerate(result["top"], 1):
+            image = Path(result["image"]).name if images.is_dir() else result["image"]
+            table.add_row(image if rank == 1 else "", str(rank), row["label"], f"{row['score']:.4f}",
+                          end_section=rank == len(result["top"]))
+    console.print(table)
+
+
 def main() -> None:
     try:
         app()

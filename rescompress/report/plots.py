@@ -18,6 +18,10 @@ from rescompress.report.schema import latency_accuracy, pareto_front
 FIGSIZE = (7.0, 4.5)
 DPI = 110
 MARKERS = {"measured": "o", "measured-remote": "s", "estimated": "^"}
+MARKER_SIZE = 42  # points^2, as scatter's `s`
+LABEL_FONTSIZE = 7.5
+LABEL_GAP = 4.0  # points between a marker and its label
+LABEL_STEP = 9.0  # points between stacked label slots (one line of 7.5 pt text plus a gap)
 PLOT_STEM = "accuracy_vs_latency"
 
 
@@ -39,24 +43,87 @@ def _points(device: Mapping[str, Any]) -> list[tuple[float, float, str, str]]:
     return out
 
 
-def _draw_device(ax: Any, points: list[tuple[float, float, str, str]], color: str, x_max: float,
-                 label_dy: float = 4) -> None:
-    """Points (marker per latency source), their labels, and the device's Pareto front as a step line."""
+def _draw_device(ax: Any, points: list[tuple[float, float, str, str]], color: str) -> list[tuple[float, float, str]]:
+    """Points (marker per latency source) and the device's Pareto front as a step line; returns the labels
+    to place, (x, y, text) per point, once the axes' layout is final (`_place_labels`)."""
     for source, marker in MARKERS.items():
         xs = [p[0] for p in points if p[3] == source]
         ys = [p[1] for p in points if p[3] == source]
         if xs:
             hollow = source == "estimated"
-            ax.scatter(xs, ys, marker=marker, s=42, zorder=3, linewidths=1.4, edgecolors=color,
+            ax.scatter(xs, ys, marker=marker, s=MARKER_SIZE, zorder=3, linewidths=1.4, edgecolors=color,
                        facecolors="none" if hollow else color)
-    for x, y, name, _ in points:
-        right = x >= x_max  # the slowest point is labelled on its left, so the label stays inside the axes
-        ax.annotate(name, (x, y), xytext=(-5 if right else 5, label_dy), textcoords="offset points",
-                    ha="right" if right else "left", fontsize=7.5, color="#333")
     front = sorted((points[i][0], points[i][1]) for i in pareto_front([(p[0], p[1]) for p in points]))
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=color,
                 linestyle="--", linewidth=1.1, alpha=0.8, zorder=2)
+    return [(x, y, name) for x, y, name, _ in points]
+
+
+def _candidates(max_rings: int = 12) -> list[tuple[float, float, str, str]]:
+    """Label positions around a point, nearest first: (dx, dy) in points with the text's alignment. Beside the
+    point on either side, then stacked further up and down (those get a leader line)."""
+    out = []
+    for ring in range(max_rings + 1):
+        dy = LABEL_GAP + ring * LABEL_STEP
+        for dx, ha in ((LABEL_GAP, "left"), (-LABEL_GAP, "right")):
+            out += [(dx, dy, ha, "bottom"), (dx, -dy, ha, "top")]
+        if ring == 0:
+            out += [(LABEL_GAP + 2, 0.0, "left", "center"), (-LABEL_GAP - 2, 0.0, "right", "center")]
+    return out
+
+
+def _place_labels(ax: Any, labels: list[tuple[float, float, str]]) -> list[Any]:
+    """Annotate each point with its label where the text overlaps no other label, no marker and stays inside
+    the axes: the first free position of `_candidates`, measured with the Agg renderer's text extents.
+    Call after the layout is final (tight_layout), since the extents are in display pixels."""
+    from matplotlib.transforms import Bbox
+
+    if not labels:
+        return []
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits before mapping data to pixels
+    frame = ax.get_window_extent(renderer)
+    px = fig.dpi / 72.0
+    marker_r = (MARKER_SIZE ** 0.5) / 2 * px + 1.0
+    centres = [tuple(ax.transData.transform((x, y))) for x, y, _ in labels]
+    markers = [Bbox.from_extents(cx - marker_r, cy - marker_r, cx + marker_r, cy + marker_r) for cx, cy in centres]
+    placed: list[Any] = []
+    texts = []
+    # left to right, and top down where points share a latency
+    order = sorted(range(len(labels)), key=lambda i: (centres[i][0], -centres[i][1]))
+    for i in order:
+        x, y, name = labels[i]
+        best = None
+        for dx, dy, ha, va in _candidates():
+            text = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                               fontsize=LABEL_FONTSIZE, color="#333", zorder=4, gid="point-label",
+                               annotation_clip=False)
+            box = text.get_window_extent(renderer).padded(1.0)
+            clashes = sum(box.overlaps(b) for b in placed) + sum(
+                box.overlaps(m) for j, m in enumerate(markers) if j != i)
+            outside = not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1)
+            cost = (clashes + (1 if outside else 0), abs(dy))
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, text, box, dy)
+            else:
+                text.remove()
+            if cost[0] == 0:
+                break
+        _, text, box, dy = best
+        if abs(dy) > LABEL_GAP + LABEL_STEP / 2:  # stacked away from its point: draw the leader
+            text.remove()
+            text = ax.annotate(name, (x, y), xytext=text.xyann, textcoords="offset points", ha=text.get_ha(),
+                               va=text.get_va(), fontsize=LABEL_FONTSIZE, color="#333", zorder=4,
+                               gid="point-label", annotation_clip=False,
+                               arrowprops={"arrowstyle": "-", "color": "#999", "linewidth": 0.6,
+                                           "shrinkA": 0, "shrinkB": marker_r / px})
+        placed.append(box)
+        texts.append(text)
+    return texts
 
 
 def _finish(ax: Any, points: list[tuple[float, float, str, str]], report: Mapping[str, Any],
@@ -108,8 +175,39 @@ def _new_axes() -> tuple[Any, Any]:
     return fig, fig.add_subplot()
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _layout(fig: Any, ax: Any, labels: list[tuple[float, float, str]]) -> None:
+    """Final layout, then the point labels placed in it (they are measured in display pixels)."""
     fig.tight_layout()
+    _place_labels(ax, labels)
+
+
+def device_figure(report: Mapping[str, Any], device: Mapping[str, Any], color: str = "C0") -> Any:
+    """One device's plot as a laid-out matplotlib Figure (Agg canvas), labels placed."""
+    fig, ax = _new_axes()
+    points = _points(device)
+    labels = _draw_device(ax, points, color)
+    budget = device.get("accuracy_budget_pt")
+    default_budget = report["recipe"].get("accuracy_budget_pt")
+    _finish(ax, points, report, default_budget if budget is None else budget,
+            f"{device['name']}: accuracy vs latency", [])
+    _layout(fig, ax, labels)
+    return fig
+
+
+def combined_figure(report: Mapping[str, Any]) -> Any:
+    """All devices in one plot, as a laid-out Figure."""
+    devices = report["devices"]
+    colors = [f"C{i % 10}" for i in range(len(devices))]
+    fig, ax = _new_axes()
+    per_device = [_points(device) for device in devices]
+    labels = [label for points, color in zip(per_device, colors) for label in _draw_device(ax, points, color)]
+    _finish(ax, [p for points in per_device for p in points], report, report["recipe"].get("accuracy_budget_pt"),
+            "All devices: accuracy vs latency", [(d["name"], c) for d, c in zip(devices, colors)])
+    _layout(fig, ax, labels)
+    return fig
+
+
+def _write(fig: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
@@ -117,32 +215,14 @@ def plot_accuracy_vs_latency(report: Mapping[str, Any], out_dir: Path) -> dict[s
     """Write the combined plot (key "all") and one plot per device (key: device name) into `out_dir`."""
     out_dir = Path(out_dir)
     devices = report["devices"]
-    colors = [f"C{i % 10}" for i in range(len(devices))]
-    default_budget = report["recipe"].get("accuracy_budget_pt")
     paths: dict[str, Path] = {}
     used: set[str] = set()
-
-    for device, color in zip(devices, colors):
-        fig, ax = _new_axes()
-        points = _points(device)
-        _draw_device(ax, points, color, max((p[0] for p in points), default=0.0))
-        budget = device.get("accuracy_budget_pt")
-        _finish(ax, points, report, default_budget if budget is None else budget,
-                f"{device['name']}: accuracy vs latency", [])
+    for i, device in enumerate(devices):
         name = plot_filename(device["name"])
         stem, n = name[:-4], 2
         while name in used:  # two device names that slug to the same file
             name, n = f"{stem}-{n}.png", n + 1
         used.add(name)
-        paths[device["name"]] = _save(fig, out_dir / name)
-
-    fig, ax = _new_axes()
-    per_device = [_points(device) for device in devices]
-    all_points = [p for points in per_device for p in points]
-    x_max = max((p[0] for p in all_points), default=0.0)
-    for i, (points, color) in enumerate(zip(per_device, colors)):
-        _draw_device(ax, points, color, x_max, label_dy=4 if i % 2 == 0 else -11)
-    _finish(ax, all_points, report, default_budget, "All devices: accuracy vs latency",
-            [(d["name"], c) for d, c in zip(devices, colors)])
-    paths[ALL_DEVICES] = _save(fig, out_dir / plot_filename(None))
+        paths[device["name"]] = _write(device_figure(report, device, f"C{i % 10}"), out_dir / name)
+    paths[ALL_DEVICES] = _write(combined_figure(report), out_dir / plot_filename(None))
     return paths
