@@ -31,7 +31,9 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except RescompressError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", markup=True, soft_wrap=True)
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
 
 

@@ -865,8 +865,30 @@ class Runner:
             "devices": devices,
             "provenance": provenance(),
         }
+        self._bundle(report)
         write_report(report, self.run_dir)
         return report
+
+    def _bundle(self, report: dict) -> None:
+        """A bundle to ship per deployable artifact (`bundles/<artifact>/`), linked from its artifact row and
+        from each recommendation of it. A bundle that cannot be written is a message in the report."""
+        from rescompress.bundle import write_bundles
+
+        try:
+            bundles = write_bundles(self.run_dir, report)
+        except Exception as exc:  # the report matters more than its bundles: say why, keep going
+            report["bundles_message"] = f"bundles not written: {type(exc).__name__}: {exc}"
+            self.console.print(f"[red]{report['bundles_message']}[/red]")
+            return
+        for row in report["artifacts"]:
+            if row["name"] in bundles:
+                row["bundle"] = bundles[row["name"]]
+        for device in report["devices"]:
+            rec = device.get("recommendation")
+            if rec and rec["artifact"] in bundles:
+                rec["bundle"] = bundles[rec["artifact"]]
+        if bundles:
+            self.console.print(f"bundles: {', '.join(bundles.values())}")
 
 
 def step_times(steps: dict) -> list[dict]:
@@ -956,7 +978,7 @@ def failures(report: dict) -> list[str]:
     """What went wrong in a finished run, one line each: a requested export that failed, a top-1 that could
     not be measured, a lint error (a crashed lint included), a device measurement that failed. A deferred
     TensorRT engine is not a failure: its build command is in the report."""
-    lines = []
+    lines = [report["bundles_message"]] if report.get("bundles_message") else []
     for a in report["artifacts"]:
         if a["status"] == "failed":
             lines.append(f"{a['name']}: export failed: {a.get('message') or 'no message'}")

@@ -19,6 +19,7 @@ import yaml
 from rescompress.bench.device_eval import build_eval_set, pack_for, score, stratified_subset
 from rescompress.pipeline import execute, prepare_new
 from rescompress.report import validate_report
+from tests import fake_adb
 from tests.conftest import TINY_RECIPE, write_recipe
 from tests.fake_trtexec import GPU, HEADER, VERSION, fake_trtexec
 from tests.remote_device import python_without, sshd  # noqa: F401 (sshd: a fixture)
@@ -36,6 +37,17 @@ def board(tmp_path: Path, sshd, name: str, runtimes: dict, **ssh) -> str:
     extra = {k: conn.pop(k) for k in ("trtexec",) if k in conn}
     path.write_text(yaml.safe_dump({"name": name, "runtimes": runtimes, "connection": {"ssh": conn}, **extra}))
     return str(path)
+
+
+def phone_profile(tmp_path: Path, name: str, **config) -> tuple[str, "fake_adb.FakePhone"]:
+    """A phone reached through the fake adb (no phone or adbd is reachable here)."""
+    phone = fake_adb.install(tmp_path / name)
+    if config:
+        phone.configure(**config)
+    conn = phone.connection(delegates=["xnnpack", "gpu"]).model_dump()
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "runtimes": {"tflite": {}}, "connection": {"adb": conn}}))
+    return str(path), phone
 
 
 def run(tmp_path: Path, recipe: dict):
@@ -85,7 +97,9 @@ def test_score_compares_device_and_host_on_the_same_images(digits_small, tmp_pat
 @pytest.mark.tflite
 def test_device_top1_over_ssh_equals_the_host_top1(sshd, tmp_path):
     """Two boards (onnxruntime, LiteRT) return each artifact's top-1 measured on the board; a third lacks
-    LiteRT and gives its status, and the report is still written."""
+    LiteRT and gives its status, and the report is still written. Two phones behind the fake adb: one
+    measures with benchmark_model (XNNPACK, then the GPU delegate) and evaluates through its output dump;
+    on the other the GPU delegate fails."""
     pytest.importorskip("litert_torch", reason="needs the 'tflite' extra: pip install 'rescompress[tflite]'")
     ort_board = board(tmp_path, sshd, "board-ort", {"onnxruntime": {}})
     litert_board = board(tmp_path, sshd, "board-litert", {"tflite": {}})
@@ -96,6 +110,7 @@ def test_device_top1_over_ssh_equals_the_host_top1(sshd, tmp_path):
                   export=[{"onnx": {"precision": "fp32"}}, {"tflite": {"precision": "fp32"}},
                           {"tflite": {"precision": "int8"}}],
                   devices=[ort_board, litert_board, bare_board])
+
     recipe["report"] = {**recipe["report"], "device_eval_images": None}
     report, run_dir = run(tmp_path, recipe)
     validate_report(json.loads((run_dir / "report.json").read_text()))
@@ -130,6 +145,40 @@ def test_device_top1_over_ssh_equals_the_host_top1(sshd, tmp_path):
     assert "device top-1" in md.lower() and "board-no-litert" in md
     for workdir in tmp_path.glob("* workdir"):
         assert list(workdir.iterdir()) == [], f"{workdir.name}: the device's temporary directory is removed"
+
+
+@pytest.mark.slow
+@pytest.mark.tflite
+def test_phones_over_adb_measure_latency_and_top1(tmp_path):
+    """Two phones behind the fake adb (no phone or adbd is reachable here): one measures with benchmark_model
+    (XNNPACK, then the GPU delegate) and evaluates a stratified subset through benchmark_model's output dump;
+    on the other the GPU delegate fails, which is its status and not the run's end."""
+    pytest.importorskip("litert_torch", reason="needs the 'tflite' extra: pip install 'rescompress[tflite]'")
+    phone, fake_phone = phone_profile(tmp_path, "phone")
+    bad_phone, _ = phone_profile(tmp_path, "phone-gpu-fails", fail="gpu")
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe.update(stages=[{"ptq": {"scheme": "tflite", "calibration_batches": 2}}],
+                  export=[{"tflite": {"precision": "int8"}}], devices=[phone, bad_phone])
+    recipe["report"] = {**recipe["report"], "device_eval_images": 10}
+    report, run_dir = run(tmp_path, recipe)
+    validate_report(json.loads((run_dir / "report.json").read_text()))
+    on_phone = results(report, "phone")["tflite-int8"]
+    ev = on_phone["device_eval"]
+    assert ev["status"] == "ok" and ev["subset"] is True and on_phone["top1_source"] == "device"
+    for split in ev["splits"].values():  # the same LiteRT on the same CPU: the same predictions
+        assert split["images"] == 10 and split["device_top1"] == split["host_top1"] and split["agreement"] == 1.0
+    assert on_phone["latency"]["host"] == f"adb:{fake_phone.serial}" and on_phone["latency"]["statistic"] in ("p50", "mean")
+    assert on_phone["latency"]["delegate"] == "xnnpack" and "p50_ms" in on_phone["latency"]["delegates"]["gpu"]
+    assert on_phone["device_eval"]["method"].startswith("benchmark_model")
+    facts = next(d for d in report["devices"] if d["name"] == "phone")["provenance"]["device"]
+    assert facts["android_version"] == "14" and "SM8650" in facts["soc"]
+    gpu_fails = results(report, "phone-gpu-fails")["tflite-int8"]
+    assert gpu_fails["remote_status"] == "ok" and gpu_fails["latency"]["delegates"]["gpu"]["status"] == "failed"
+    assert "GPU delegate" in gpu_fails["latency"]["delegates"]["gpu"]["message"]
+    assert any(f["use_gpu"] == "true" for f in fake_phone.benchmark_calls() if "use_gpu" in f)
+    assert fake_phone.leftovers() == []
+    md = (run_dir / "report.md").read_text()
+    assert "never on a real phone" in md and f"adb:{fake_phone.serial}" in md
 
 
 @pytest.mark.slow

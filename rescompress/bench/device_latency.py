@@ -89,10 +89,13 @@ class DeviceLatency:
                 spec = art.input_spec
                 chw = (spec.channels, spec.height, spec.width) if spec is not None else None
             eval_inputs = self.pack(art) if self.pack is not None else None
-            out = measure_remote(art.path, runtime, self.device.ssh, engine=engine, batch=self.batch,
-                                 warmup=self.warmup, runs=self.runs, threads=self.threads, chw=chw,
-                                 power_mode_command=self.device.power_mode_command, trtexec=self.device.trtexec,
-                                 eval_inputs=eval_inputs, engine_dir=self.engine_dir)
+            if self.device.ssh is None and self.device.adb is not None and runtime == "tflite":
+                out = self._adb(art, eval_inputs)
+            else:
+                out = measure_remote(art.path, runtime, self.device.ssh, engine=engine, batch=self.batch,
+                                     warmup=self.warmup, runs=self.runs, threads=self.threads, chw=chw,
+                                     power_mode_command=self.device.power_mode_command,
+                                     trtexec=self.device.trtexec, eval_inputs=eval_inputs, engine_dir=self.engine_dir)
             if out.status == "ok":
                 self.facts.update(out.device_facts or {})
                 return LatencyResult({**out.latency, "source": "measured-remote"}, remote_status="ok",
@@ -107,6 +110,26 @@ class DeviceLatency:
         if fallback.latency is not None:
             return LatencyResult(fallback.latency, f"{why}; latency estimated instead", remote_status=status)
         return LatencyResult(None, why, remote_status=status)
+
+    def _adb(self, art: Any, eval_inputs: Optional[Path]) -> Any:
+        """A TFLite artifact on a phone over adb: latency with each delegate the profile lists (the first is the
+        result; the others are kept beside it under `delegates`), then the eval images with the first."""
+        from rescompress.bench.adb import evaluate_adb, measure_adb
+
+        adb = self.device.adb
+        out = measure_adb(art.path, adb, threads=self.threads, warmup=self.warmup, runs=self.runs)
+        if out.status != "ok":
+            return out
+        others = {}
+        for delegate in adb.delegates[1:]:
+            alt = measure_adb(art.path, adb, threads=self.threads, warmup=self.warmup, runs=self.runs,
+                              delegate=delegate)
+            others[delegate] = alt.latency if alt.status == "ok" else {"status": alt.status, "message": alt.message}
+        if others:
+            out.latency = {**out.latency, "delegates": others}
+        if eval_inputs is not None:
+            out.evaluation = evaluate_adb(art.path, np.load(eval_inputs, mmap_mode="r"), adb, threads=self.threads)
+        return out
 
     def _estimate(self, art: Any, runtime: str) -> LatencyResult:
         from rescompress.bench.estimate import estimate_latency
@@ -130,6 +153,10 @@ class DeviceLatency:
             out["estimates"] = self.groups
         if self.device.power_mode_command:
             out["power_mode_command"] = self.device.power_mode_command
+        if self.device.adb is not None:
+            adb = self.device.adb
+            out["adb"] = {"serial": adb.serial, "benchmark_model": adb.benchmark_model, "delegates": list(adb.delegates),
+                          "tested_on": "a fake adb replaying benchmark_model's output; never on a real phone"}
         return out
 
 

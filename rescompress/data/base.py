@@ -69,6 +69,7 @@ class DatasetBundle:
             "name": self.name,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
             "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
             "input_spec": self.input_spec.to_dict(),
             "eval_transform": self.input_spec.describe(),
             "augmentations": list(self.augmentations),

@@ -287,6 +287,12 @@ def _artifacts(report: Mapping[str, Any]) -> list[Block]:
         blocks.append(Paragraph(f"{columns[6]}: each artifact's test top-1 minus the original {label} model's, "
                                 f"{fmt_pct(source_top1)} %, measured in {fmt_text(source.get('runtime'))} on the same "
                                 "test images."))
+    bundles = [f"{a['name']}: `{a['bundle']}/`" for a in report["artifacts"] if a.get("bundle")]
+    if bundles:
+        blocks += [Paragraph("Bundles to ship (each: the artifact, preprocess.json, labels.txt, model_card.md, and "
+                             "predict.py, which needs only numpy, Pillow and the runtime):"), Bullets(bundles)]
+    elif report.get("bundles_message"):
+        blocks.append(Paragraph(fmt_text(report["bundles_message"])))
     problems = [f"{a['name']} ({a['status']}): {fmt_text(a.get('message'))}"
                 for a in report["artifacts"] if a["status"] != "ok"]
     problems += [f"{a['name']}: no top-1: {fmt_text(a.get('top1_message'))}"
@@ -337,7 +343,8 @@ def _latency_label(latency: Mapping[str, Any]) -> str:
     """The latency source, with where it came from: the remote host, or the estimate's calibration group."""
     source = fmt_text(latency.get("source"))
     if latency.get("source") == "measured-remote" and latency.get("host"):
-        return f"{source} ({latency['host']})"
+        statistic = "; p50 is the mean: benchmark_model printed no median" if latency.get("statistic") == "mean" else ""
+        return f"{source} ({latency['host']}{statistic})"
     if latency.get("source") == "estimated":
         parts = [latency["group"]] if latency.get("group") else []
         if latency.get("check_max_abs_error_pct") is not None:
@@ -452,6 +459,11 @@ def _device_provenance(provenance: Mapping[str, Any]) -> list[Block]:
         p = provenance["profile"]
         items.append(("Profile", f"{p.get('path')} (sha256 {str(p.get('sha256'))[:12]}…"
                                  f"{', built in' if p.get('builtin') else ', not a built-in profile'})"))
+    if provenance.get("adb"):
+        adb = provenance["adb"]
+        items.append(("Phone (adb)", f"serial {adb.get('serial')}, `{adb.get('benchmark_model')}` with "
+                                     f"{', '.join(adb.get('delegates') or [])}; rescompress's adb path has been "
+                                     f"tested against {adb.get('tested_on') or 'a fake adb only'}"))
     for key, value in (provenance.get("device") or {}).items():
         items.append((f"Device {key}", fmt_text(value)))
     if provenance.get("power_mode_command") and not (provenance.get("device") or {}).get("power_mode"):

@@ -15,7 +15,7 @@ Top level (all required):
   `finished` (str, ISO-8601, optional) and `seconds` (number, optional): absent while a run is unfinished;
   `steps` (list, optional): per finished step in order, `step` (str), `seconds` (number) and
   `train_seconds` (number): the part spent in training epochs (0 for export, measure).
-- `dataset` (object): `name` (str); `num_classes` (int, optional);
+- `dataset` (object): `name` (str); `num_classes` (int, optional); `class_names` (list of str, optional);
   `sizes` (object, optional): split name -> number of samples, e.g. {"train": 1257, "val": 180, "test": 360};
   `input_spec` (object, optional): `channels`, `height`, `width` (int), `mean`, `std` (lists of numbers),
   `layout` ("NCHW" | "NHWC"), `resize` (int or null: the shorter side before a center crop; null: resized to
@@ -46,6 +46,8 @@ Top level (all required):
   - `name` (str, unique): referenced by device results; `target` (str): "torch" | "onnx" | "tensorrt" | "tflite"
   - `precision` (str): "fp32" | "fp16" | "int8" | ...; `from_stage` (str, optional): the stage it was exported from
   - `path` (str, optional): relative to the run dir
+  - `bundle` (str, optional): the folder to ship it from, relative to the run dir (`bundles/<name>`: the file,
+    preprocess.json, labels.txt, model_card.md and a predict.py example); deployable artifacts only
   - `status` (str): "ok" | "deferred" | "failed" | "skipped"
   - `message` (str, optional): why, when status is not "ok" (e.g. the deferred engine-build command)
   - `size_bytes` (number, optional); `runtime` (str, optional): runtime name and version
@@ -102,7 +104,8 @@ Top level (all required):
     `reason` (str, optional), e.g. "fastest measured latency ... within 1.0 pt of the baseline's validation
     top-1"; `selected_on` (str, optional): "validation" | "test" (the split whose top-1 the budget was judged
     on; test only when there is no validation split); `latency_source` (str, optional): the source the
-    candidates were ranked within (the best one any candidate had)
+    candidates were ranked within (the best one any candidate had); `bundle` (str, optional): the
+    recommended artifact's bundle folder
   - `provenance` (object, optional): `latency` (runtime -> "measured" | "measured-remote" | "estimated" |
     "none"); `device` (object, optional): facts the device reported (python, runtime versions, power mode);
     `connection` (str, optional): why the device could not be reached; `power_mode_command` (str, optional);
@@ -112,6 +115,7 @@ Top level (all required):
     {device, model, runtime, precision, use: "calibrate" | "holdout", check: "leave-one-out" |
     "holdout", published_ms, estimated_ms, error_pct (out of sample; null when nothing was left to fit on),
     fit_error_pct (calibration figures: the full fit's residual), statistic, source})
+- `bundles_message` (str, optional): why the bundles could not be written
 - `provenance` (object): versions and host facts, str -> str/number, e.g. `python`, `platform`,
   `processor`, `cpu_count`, `torch`, `onnxruntime`, `onnx`, `numpy`.
 - `sweep` (object, optional): only in the merged report of `rescompress sweep`, whose artifacts, stages and
