@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from rescompress.deploy import (BUNDLE_SCHEMA_VERSION, LABELS, PREPROCESS, TARGET_RUNTIMES, class_names,
                                 preprocess_from_spec)
-from rescompress.fileio import atomic_write_json, atomic_write_text
+from rescompress.fileio import atomic_write_json, atomic_write_text, current_umask
 
 BUNDLES = "bundles"
 CARD = "model_card.md"
@@ -64,7 +64,7 @@ def write_bundle(run_dir: Path, report: dict, row: dict, dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         _fill(run_dir, report, row, tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -76,12 +76,6 @@ def write_bundle(run_dir: Path, report: dict, row: dict, dest: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fill(run_dir: Path, report: dict, row: dict, out: Path) -> None:
