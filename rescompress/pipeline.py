@@ -764,7 +764,9 @@ class Runner:
                 engine["path"] = str(Path(engine["path"]).relative_to(self.run_dir))
             res["engine"] = engine
         notes = [taken.message] if taken.message else []
-        if art.status == "deferred":
+        if art.status == "deferred" and (taken.engine or {}).get("path"):
+            notes.append(f"engine built on {device.name} with the command the report prints")
+        elif art.status == "deferred":
             command = art.details.get("build_commands", {}).get(device.name)
             notes.append(f"engine build deferred: on {device.name} run: {command}" if command else art.message)
         res["message"] = "; ".join(n for n in notes if n)

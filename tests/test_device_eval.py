@@ -230,7 +230,7 @@ def test_trtexec_builds_times_and_evaluates_on_the_device(sshd, tmp_path):
     assert len(evals) == -(-n // 16)  # chunks of at most the profile's max batch
     assert all("--exportOutput=eval_chunk.json" in c and "--iterations=1" in c for c in evals)
     md = (run_dir / "report.md").read_text()
-    assert "engines/jetson-fake" in md
+    assert "engines/jetson-fake" in md and r["message"].startswith("engine built on jetson-fake")
 
 
 @pytest.mark.slow
