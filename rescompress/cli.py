@@ -445,12 +445,10 @@ def predict(
     """Classify images with an artifact or bundle, preprocessed as the run evaluated it; prints the top classes."""
     import json
 
-    from rich.markup import escape
-
     from rescompress import deploy
     from rescompress.errors import DataError
 
-    try:  # as user_errors, with the message escaped: "pip install 'rescompress[tflite]'" is not rich markup
+    with user_errors():
         if images.is_dir():
             paths = deploy.image_files(images)
             if not paths:
@@ -462,9 +460,6 @@ def predict(
             raise DataError(f"image {images} does not exist")
         predictor = deploy.load(model)
         results = deploy.predict_paths(predictor, paths, top)
-    except RescompressError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
     if as_json:
         print(json.dumps({"model": str(predictor.path), "runtime": predictor.runtime,
                           "preprocessing": predictor.source, "images": results}, indent=2))
